@@ -1,0 +1,143 @@
+"""The outer state of DiLoCo: the global weights and the optimizer that moves them.
+
+Every worker keeps an identical copy of this state. At an outer step (Algorithm 1 of Douillard et al. 2023):
+
+1. each worker computes its pseudo-gradient ``global - local`` (:meth:`OuterState.pseudo_gradients`),
+2. the pseudo-gradients are averaged over the workers (by the caller, see :mod:`lightning_diloco.collectives`),
+3. the outer optimizer steps the global weights with that average as their gradient (:meth:`OuterState.step`),
+4. every worker continues from the new global weights (:meth:`OuterState.copy_to`).
+
+Floating-point buffers (for example BatchNorm statistics) have no gradient; they are averaged over the workers and
+kept here so that evaluation and checkpoints see the global model.
+"""
+
+from collections.abc import Iterable, Iterator
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import Tensor
+from torch.nn import Module, Parameter
+from torch.optim import SGD, Optimizer
+
+OuterOptimizerCallable = Callable[[Iterable[Tensor]], Optimizer]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def default_outer_optimizer(lr: float = 0.7, momentum: float = 0.9, nesterov: bool = True) -> OuterOptimizerCallable:
+    """The paper's outer optimizer: SGD with Nesterov momentum (lr 0.7, momentum 0.9).
+
+    Nesterov momentum with ``momentum=0`` is plain SGD, so ``nesterov`` only takes effect when ``momentum > 0``.
+    """
+
+    def build(params: Iterable[Tensor]) -> Optimizer:
+        return SGD(params, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
+
+    return build
+
+
+def master_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the global copy of a tensor is kept in: fp32 for fp16/bf16 weights, else the weight's own."""
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def float_buffers(module: Module) -> Iterator[tuple[str, Tensor]]:
+    """The module's floating-point buffers, the ones DiLoCo averages at each outer step."""
+    for name, buffer in module.named_buffers():
+        if buffer.is_floating_point():
+            yield name, buffer
+
+
+class OuterState:
+    """Global weights, global buffers and the outer optimizer, all on ``device``.
+
+    Args:
+        module: the model whose current weights become the global weights.
+        optimizer: builds the outer optimizer from the global parameters.
+        device: where the global copy and the outer optimizer state live (for example ``cpu`` to keep them out of
+            accelerator memory).
+
+    """
+
+    def __init__(self, module: Module, optimizer: OuterOptimizerCallable, device: Union[str, torch.device]) -> None:
+        self.device = torch.device(device)
+        self.names = [name for name, _ in module.named_parameters()]
+        self.params = [
+            Parameter(p.detach().to(self.device, master_dtype(p.dtype), copy=True)) for p in module.parameters()
+        ]
+        self.buffers = {
+            name: b.detach().to(self.device, master_dtype(b.dtype), copy=True) for name, b in float_buffers(module)
+        }
+        self.optimizer = optimizer(self.params)
+        if not isinstance(self.optimizer, Optimizer):
+            raise TypeError(
+                f"`outer_optimizer` must return a `torch.optim.Optimizer`, got {type(self.optimizer).__name__}."
+                " Pass a callable such as `functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9, nesterov=True)`."
+            )
+        self.outer_step = 0
+
+    @torch.no_grad()
+    def pseudo_gradients(self, local: list[Tensor], device: torch.device) -> list[Tensor]:
+        """This worker's pseudo-gradient ``global - local`` for every parameter, in fp32 or wider, on ``device``."""
+        return [
+            g.to(device) - p.detach().to(device, g.dtype) for g, p in zip(self.params, local)
+        ]
+
+    @torch.no_grad()
+    def step(self, mean_pseudo_gradients: list[Tensor]) -> None:
+        """Step the outer optimizer with the workers' mean pseudo-gradient as the gradient of the global weights."""
+        for param, delta in zip(self.params, mean_pseudo_gradients):
+            param.grad = delta.to(self.device, param.dtype)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.outer_step += 1
+
+    @torch.no_grad()
+    def set_buffers(self, mean_buffers: dict[str, Tensor]) -> None:
+        """Store the workers' mean floating-point buffers as the global ones."""
+        for name, value in mean_buffers.items():
+            self.buffers[name].copy_(value)
+
+    @torch.no_grad()
+    def copy_to(self, module: Module) -> None:
+        """Overwrite ``module``'s parameters and floating-point buffers with the global ones."""
+        for local, global_ in zip(module.parameters(), self.params):
+            local.copy_(global_)
+        for name, buffer in float_buffers(module):
+            buffer.copy_(self.buffers[name])
+
+    def module_state_dict(self, module: Module) -> dict[str, Any]:
+        """``module.state_dict()`` with the global parameters and buffers in place of the local ones."""
+        state = module.state_dict()
+        named = dict(zip(self.names, self.params))
+        for key in state:
+            source: Optional[Tensor] = named.get(key, self.buffers.get(key))
+            if source is not None:
+                state[key] = source.detach().to(state[key].dtype)
+        return state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "names": list(self.names),
+            "params": [p.detach() for p in self.params],
+            "buffers": dict(self.buffers),
+            "optimizer": self.optimizer.state_dict(),
+            "outer_step": self.outer_step,
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        shapes = [tuple(p.shape) for p in self.params]
+        saved = [tuple(p.shape) for p in state["params"]]
+        if state["names"] != self.names or saved != shapes or set(state["buffers"]) != set(self.buffers):
+            raise ValueError(
+                "The checkpoint's DiLoCo state was written for a different model (parameter names or shapes differ)."
+                " Resume with the model that wrote it, or start from its weights alone by loading the `state_dict`"
+                " into your model and calling `trainer.fit` without `ckpt_path`."
+            )
+        for param, value in zip(self.params, state["params"]):
+            param.copy_(value)
+        for name, value in state["buffers"].items():
+            self.buffers[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.outer_step = int(state["outer_step"])

@@ -1,0 +1,77 @@
+"""Train the toy model under a strategy and save what every rank saw and held (run as a file: Lightning re-runs it)."""
+
+import argparse
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+torch_threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+
+import lightning_diloco  # noqa: E402, F401
+from lightning_diloco import DiLoCoStrategy  # noqa: E402
+from toy import ToyModule, loaders  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--strategy", default="diloco", choices=["diloco", "ddp"])
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--inner-steps", type=int, default=3)
+    parser.add_argument("--outer-lr", type=float, default=0.7)
+    parser.add_argument("--outer-momentum", type=float, default=0.9)
+    parser.add_argument("--optimizer", default="adamw")
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--max-steps", type=int, default=-1)
+    parser.add_argument("--max-epochs", type=int, default=3)
+    parser.add_argument("--accumulate", type=int, default=1)
+    parser.add_argument("--ckpt-dir", default=None)
+    parser.add_argument("--resume", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(torch_threads)
+
+    if args.strategy == "diloco":
+        strategy = DiLoCoStrategy(
+            inner_steps=args.inner_steps, outer_lr=args.outer_lr, outer_momentum=args.outer_momentum
+        )
+    else:
+        strategy = "ddp"
+    callbacks = []
+    if args.ckpt_dir:
+        callbacks.append(
+            ModelCheckpoint(dirpath=args.ckpt_dir, every_n_epochs=1, save_top_k=-1, save_on_train_epoch_end=True)
+        )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        strategy=strategy,
+        max_steps=args.max_steps,
+        max_epochs=args.max_epochs,
+        accumulate_grad_batches=args.accumulate,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=bool(args.ckpt_dir),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=1,
+    )
+    model = ToyModule(optimizer=args.optimizer, lr=args.lr)
+    train, val = loaders()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, train, val, ckpt_path=args.resume)
+    record = dict(model.record)
+    record["init"] = model.init_flat
+    record["final"] = {k: v.clone() for k, v in model.state_dict().items()}
+    record["warnings"] = [str(w.message) for w in caught]
+    os.makedirs(args.out, exist_ok=True)
+    torch.save(record, os.path.join(args.out, f"rank{trainer.global_rank}.pt"))
+
+
+if __name__ == "__main__":
+    main()
