@@ -111,6 +111,7 @@ class DiLoCoStrategy(DDPStrategy):
         self.step = 0  # optimizer steps taken under DiLoCo, all rounds together
         self.last_sync_step = 0  # value of `step` at the last outer step
         self._stashed_local: Optional[dict[str, Tensor]] = None  # local weights while evaluation sees global ones
+        self.last_metrics: dict[str, float] = {}  # the metrics of the latest outer step
 
     # ------------------------------------------------------------------------------------------------------------
     # Set-up: no DistributedDataParallel wrapper, identical start, one optimizer
@@ -164,6 +165,13 @@ class DiLoCoStrategy(DDPStrategy):
             self.outer_step()
         return output
 
+    def _global_step(self) -> int:
+        """``trainer.global_step`` counting the optimizer step in progress (Lightning increments it afterwards)."""
+        assert self.lightning_module is not None
+        trainer = self.lightning_module.trainer
+        in_step = trainer.training and self.lightning_module._current_fx_name in ("optimizer_step", "training_step")
+        return trainer.global_step + int(in_step)
+
     def outer_step(self) -> None:
         """Algorithm 1's outer step: average the pseudo-gradients, step the global weights, restart from them."""
         assert self.outer is not None and self.model is not None
@@ -208,16 +216,16 @@ class DiLoCoStrategy(DDPStrategy):
         return self.outer.device
 
     def _log_outer_step(self, metrics: dict[str, float]) -> None:
-        """Log through ``LightningModule.log`` when inside a training hook, else straight to the loggers."""
+        """Send the outer step's metrics to every logger, at the step of this outer step.
+
+        They go to the loggers directly, not through ``LightningModule.log``, so that ``log_every_n_steps`` does not
+        drop outer steps that fall between two logging steps. ``last_metrics`` keeps them for callbacks.
+        """
+        self.last_metrics = metrics
         module = self.lightning_module
-        assert module is not None and module._trainer is not None
-        if module._current_fx_name in ("optimizer_step", "training_step"):
-            for name, value in metrics.items():
-                module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
-        else:
-            trainer = module.trainer
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+        assert module is not None
+        for logger in module.trainer.loggers:
+            logger.log_metrics(metrics, step=self._global_step())
 
     @override
     def on_train_end(self) -> None:

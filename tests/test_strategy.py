@@ -130,3 +130,211 @@ def test_h1_with_sgd_equals_synchronous_ddp(tmp_path):
         torch.testing.assert_close(diloco[0]["local"][b], ddp[0]["local"][b], rtol=0, atol=1e-6)
     # and DiLoCo with H=1 is not trivially equal to anything: AdamW inner with the default outer differs
     assert not torch.allclose(diloco[0]["local"][0], diloco[0]["init"])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# One worker, in this process
+# ------------------------------------------------------------------------------------------------------------------
+
+import lightning as L  # noqa: E402
+from lightning.pytorch.loggers import CSVLogger  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from lightning_diloco import DiLoCoStrategy  # noqa: E402
+from toy import ToyModule, loaders  # noqa: E402
+
+
+def _fit(strategy: Any, module: L.LightningModule, steps: int = 12, **trainer_kwargs: Any) -> L.Trainer:
+    train, val = loaders()
+    kwargs = dict(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                  use_distributed_sampler=False)
+    kwargs.update(trainer_kwargs)
+    trainer = L.Trainer(strategy=strategy, **kwargs)
+    trainer.fit(module, train, val)
+    return trainer
+
+
+def test_one_worker_with_outer_sgd_lr1_equals_plain_training():
+    diloco = ToyModule()
+    _fit(DiLoCoStrategy(inner_steps=4, outer_lr=1.0, outer_momentum=0.0), diloco, steps=10)
+    plain = ToyModule()
+    _fit("auto", plain, steps=10)
+    assert diloco.record["indices"] == plain.record["indices"]
+    for a, b in zip(diloco.record["local"], plain.record["local"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    # the default outer optimizer does move the weights away from plain training
+    nesterov = ToyModule()
+    _fit(DiLoCoStrategy(inner_steps=4), nesterov, steps=10)
+    assert not torch.allclose(nesterov.record["local"][-1], plain.record["local"][-1], atol=1e-3)
+
+
+@pytest.mark.parametrize("manual", [False, True], ids=["automatic", "manual"])
+def test_gradient_accumulation_counts_optimizer_steps(manual: bool):
+    module = ToyModule(manual=manual, accumulate=2)
+    accumulate = {} if manual else {"accumulate_grad_batches": 2}
+    trainer = _fit(DiLoCoStrategy(inner_steps=3), module, steps=7, **accumulate)
+    assert trainer.global_step == 7 and len(module.record["indices"]) == 14
+    assert trainer.strategy.outer.outer_step == 3  # after steps 3 and 6, and the final partial round
+    sim = simulate([module.record["indices"]], init_seed=1000, inner_steps=3, outer_lr=0.7, outer_momentum=0.9,
+                   accumulate=2)
+    assert sim.syncs == [3, 6, 7]
+    for b, local in enumerate(module.record["local"]):
+        torch.testing.assert_close(local, sim.local[0][b], rtol=0, atol=1e-6)
+
+
+def test_outer_step_metrics_reach_the_logger(tmp_path):
+    trainer = _fit(DiLoCoStrategy(inner_steps=4), ToyModule(), steps=9, logger=CSVLogger(tmp_path, name="run"))
+    import csv
+
+    rows = list(csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv")))
+    logged = [(int(r["step"]), r) for r in rows if r.get("diloco/outer_step")]
+    assert [float(r["diloco/outer_step"]) for _, r in logged] == [1.0, 2.0, 3.0]
+    assert [step for step, _ in logged] == [4, 8, 9]
+    for _, r in logged:
+        assert float(r["diloco/pseudo_grad_norm"]) > 0
+        assert float(r["diloco/sync_seconds"]) >= 0
+        assert float(r["diloco/bytes_sent"]) == 0.0  # one worker sends nothing
+
+
+def test_eval_weights_local_sees_the_replica():
+    module = ToyModule()
+    _fit(DiLoCoStrategy(inner_steps=5, eval_weights="local"), module, steps=8, limit_val_batches=1,
+         val_check_interval=8, num_sanity_val_steps=0)
+    (step, weights), = module.record["val"]
+    assert step == 8
+    torch.testing.assert_close(weights, module.record["local"][7], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"inner_steps": 0}, r"`inner_steps` must be an integer >= 1"),
+        ({"inner_steps": 2.5}, r"`inner_steps` must be an integer >= 1"),
+        ({"outer_lr": 0.0}, r"`outer_lr` must be a positive number"),
+        ({"outer_lr": float("nan")}, r"`outer_lr` must be a positive number"),
+        ({"outer_momentum": 1.0}, r"`outer_momentum` must be in \[0, 1\)"),
+        ({"outer_momentum": -0.1}, r"`outer_momentum` must be in \[0, 1\)"),
+        ({"eval_weights": "best"}, r"`eval_weights` must be 'global' or 'local'"),
+        ({"outer_device": "gpu0"}, r"`outer_device='gpu0'` is not a device"),
+        ({"bucket_cap_mb": 0}, r"`bucket_cap_mb` must be positive"),
+        (
+            {"outer_optimizer": lambda p: torch.optim.Adam(p), "outer_lr": 0.5},
+            r"`outer_lr` configure the default outer optimizer, which `outer_optimizer` replaces",
+        ),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs: dict, match: str):
+    with pytest.raises(ValueError, match=match):
+        DiLoCoStrategy(**kwargs)
+
+
+def test_sync_batchnorm_is_refused():
+    with pytest.raises(ValueError, match=r"`Trainer\(sync_batchnorm=True\)` would all-reduce .* Set `sync_batchnorm=False`"):
+        _fit(DiLoCoStrategy(inner_steps=2), ToyModule(), steps=2, sync_batchnorm=True)
+
+
+class TwoOptimizers(ToyModule):
+    def configure_optimizers(self) -> Any:
+        return [torch.optim.SGD(self.net[0].parameters(), lr=0.1), torch.optim.SGD(self.net[3].parameters(), lr=0.1)]
+
+
+def test_two_optimizers_are_refused():
+    with pytest.raises(ValueError, match=r"supports one inner optimizer, but `configure_optimizers` returned 2"):
+        _fit(DiLoCoStrategy(inner_steps=2), TwoOptimizers(manual=True), steps=2)
+
+
+def test_outer_optimizer_must_return_an_optimizer():
+    with pytest.raises(TypeError, match=r"`outer_optimizer` must return a `torch.optim.Optimizer`"):
+        _fit(DiLoCoStrategy(inner_steps=2, outer_optimizer=lambda params: list(params)), ToyModule(), steps=2)
+
+
+def _checkpoint(tmp_path: Path, steps: int = 3) -> Path:
+    trainer = _fit(DiLoCoStrategy(inner_steps=2), ToyModule(), steps=steps)
+    path = tmp_path / "one.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+class Wider(ToyModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net[3] = torch.nn.Linear(16, 2)
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    path = _checkpoint(tmp_path)
+    trainer = L.Trainer(strategy=DiLoCoStrategy(inner_steps=2), accelerator="cpu", devices=1, max_steps=4,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match=r"(?s)does not fit this LightningModule.*net.3.weight.*Pass the checkpoint"):
+        trainer.fit(Wider(), loaders()[0], ckpt_path=path)
+
+
+def test_checkpoint_of_another_world_size_is_refused(tmp_path):
+    path = _checkpoint(tmp_path)
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["diloco"]["world_size"] = 4
+    torch.save(ckpt, path)
+    trainer = L.Trainer(strategy=DiLoCoStrategy(inner_steps=2), accelerator="cpu", devices=1, max_steps=4,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match=r"written by 4 DiLoCo workers but this run has 1"):
+        trainer.fit(ToyModule(), loaders()[0], ckpt_path=path)
+
+
+def test_checkpoint_after_fit_holds_the_global_model(tmp_path):
+    path = _checkpoint(tmp_path, steps=3)  # H=2: the final outer step closes round two after step 3
+    ckpt = torch.load(path, weights_only=False)
+    assert ckpt["diloco"]["step"] == ckpt["diloco"]["last_sync_step"] == 3
+    restored = ToyModule.load_from_checkpoint(path)
+    for (name, a), b in zip(restored.state_dict().items(), ckpt["diloco"]["workers"][0]["module"].values()):
+        assert torch.equal(a, b), name
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Registry and LightningCLI
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_registered_names_and_start_methods():
+    import importlib
+
+    import lightning_diloco
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    importlib.reload(lightning_diloco)  # a second import must not raise
+    for name, method in [("diloco", "popen"), ("diloco_spawn", "spawn"), ("diloco_fork", "fork")]:
+        assert name in StrategyRegistry
+        trainer = L.Trainer(strategy=name, accelerator="cpu", devices=1, logger=False)
+        assert isinstance(trainer.strategy, DiLoCoStrategy)
+        assert trainer.strategy._start_method == method
+
+
+def test_lightning_cli_flags_and_yaml(tmp_path, capsys):
+    from lightning.pytorch.cli import LightningCLI
+
+    base = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.logger=false"]
+    cli = LightningCLI(ToyModule, run=False, args=[*base, "--trainer.strategy=lightning_diloco.DiLoCoStrategy",
+                                                   "--trainer.strategy.inner_steps=7",
+                                                   "--trainer.strategy.outer_lr=0.5"])
+    assert isinstance(cli.trainer.strategy, DiLoCoStrategy) and cli.trainer.strategy.inner_steps == 7
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "trainer:\n  strategy:\n    class_path: lightning_diloco.DiLoCoStrategy\n    init_args:\n"
+        "      inner_steps: 11\n      outer_device: cpu\n      outer_optimizer:\n        class_path: torch.optim.Adam\n"
+        "        init_args: {lr: 0.01}\n"
+    )
+    cli = LightningCLI(ToyModule, run=False, args=[*base, f"--config={config}"])
+    strategy = cli.trainer.strategy
+    assert strategy.inner_steps == 11
+    built = strategy._outer_optimizer([torch.nn.Parameter(torch.zeros(2))])
+    assert isinstance(built, torch.optim.Adam) and built.defaults["lr"] == 0.01
+    with pytest.raises(SystemExit):
+        LightningCLI(ToyModule, run=False, args=[*base, f"--config={config}", "--print_config"])
+    printed = capsys.readouterr().out
+    assert "inner_steps: 11" in printed
+    assert "broadcast_buffers" not in printed and "find_unused_parameters" not in printed
