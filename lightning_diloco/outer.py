@@ -11,7 +11,7 @@ Floating-point buffers (for example BatchNorm statistics) have no gradient; they
 kept here so that evaluation and checkpoints see the global model.
 """
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -48,6 +48,13 @@ def float_buffers(module: Module) -> Iterator[tuple[str, Tensor]]:
             yield name, buffer
 
 
+def _mix_(local: Tensor, global_: Tensor, mixing: float) -> None:
+    if mixing == 0.0:
+        local.copy_(global_)
+    else:
+        local.mul_(mixing).add_(global_.to(local.device, local.dtype), alpha=1.0 - mixing)
+
+
 class OuterState:
     """Global weights, global buffers and the outer optimizer, all on ``device``.
 
@@ -77,17 +84,33 @@ class OuterState:
         self.outer_step = 0
 
     @torch.no_grad()
-    def pseudo_gradients(self, local: list[Tensor], device: torch.device) -> list[Tensor]:
-        """This worker's pseudo-gradient ``global - local`` for every parameter, in fp32 or wider, on ``device``."""
-        return [
-            g.to(device) - p.detach().to(device, g.dtype) for g, p in zip(self.params, local)
-        ]
+    def pseudo_gradients(
+        self, local: list[Tensor], device: torch.device, indices: Optional[Sequence[int]] = None
+    ) -> list[Tensor]:
+        """This worker's pseudo-gradient ``global - local`` (fp32 or wider, on ``device``).
+
+        Args:
+            local: the worker's parameters, in ``module.parameters()`` order.
+            device: where the pseudo-gradients are built (the device the collective runs on).
+            indices: the parameters to take (a fragment); all of them by default.
+
+        """
+        indices = range(len(self.params)) if indices is None else indices
+        return [self.params[i].to(device) - local[i].detach().to(device, self.params[i].dtype) for i in indices]
 
     @torch.no_grad()
-    def step(self, mean_pseudo_gradients: list[Tensor]) -> None:
-        """Step the outer optimizer with the workers' mean pseudo-gradient as the gradient of the global weights."""
-        for param, delta in zip(self.params, mean_pseudo_gradients):
-            param.grad = delta.to(self.device, param.dtype)
+    def step(self, mean_pseudo_gradients: list[Tensor], indices: Optional[Sequence[int]] = None) -> None:
+        """Step the outer optimizer with the workers' mean pseudo-gradient as the gradient of the global weights.
+
+        Args:
+            mean_pseudo_gradients: one tensor per parameter in ``indices``.
+            indices: the parameters being updated (a fragment); the others get no gradient, so the optimizer leaves
+                them and their state alone. All parameters by default.
+
+        """
+        indices = range(len(self.params)) if indices is None else indices
+        for i, delta in zip(indices, mean_pseudo_gradients):
+            self.params[i].grad = delta.to(self.device, self.params[i].dtype)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.outer_step += 1
@@ -99,12 +122,25 @@ class OuterState:
             self.buffers[name].copy_(value)
 
     @torch.no_grad()
-    def copy_to(self, module: Module) -> None:
-        """Overwrite ``module``'s parameters and floating-point buffers with the global ones."""
-        for local, global_ in zip(module.parameters(), self.params):
-            local.copy_(global_)
-        for name, buffer in float_buffers(module):
-            buffer.copy_(self.buffers[name])
+    def copy_to(
+        self, module: Module, indices: Optional[Sequence[int]] = None, mixing: float = 0.0, buffers: bool = True
+    ) -> None:
+        """Move ``module``'s parameters (and floating-point buffers) to the global ones.
+
+        Args:
+            module: the worker's replica.
+            indices: the parameters to move (a fragment); all of them by default.
+            mixing: keep this share of the local value: ``local = mixing * local + (1 - mixing) * global``. 0 (the
+                default) replaces the local weights by the global ones.
+            buffers: also move the floating-point buffers.
+
+        """
+        local = list(module.parameters())
+        for i in range(len(self.params)) if indices is None else indices:
+            _mix_(local[i], self.params[i], mixing)
+        if buffers:
+            for name, buffer in float_buffers(module):
+                _mix_(buffer, self.buffers[name], mixing)
 
     def module_state_dict(self, module: Module) -> dict[str, Any]:
         """``module.state_dict()`` with the global parameters and buffers in place of the local ones."""

@@ -3,6 +3,10 @@
 import logging
 import math
 import time
+import warnings
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Union
 
@@ -19,10 +23,15 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.nn import Module
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_diloco.collectives import CommStats
+from lightning_diloco.compression import COMPRESSOR_NAMES, ErrorFeedback
+from lightning_diloco.fragments import is_due, split_into_fragments
 from lightning_diloco.outer import OuterOptimizerCallable, OuterState, default_outer_optimizer, float_buffers
+from lightning_diloco.topology import Topology, average_across_workers, build_topology, check_processes_per_worker
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -34,36 +43,75 @@ _CHECKPOINT_VERSION = 1
 _DEFAULT_OUTER = {"outer_lr": 0.7, "outer_momentum": 0.9, "outer_nesterov": True}
 
 
-class DiLoCoStrategy(DDPStrategy):
-    """DiLoCo: every process is a worker that trains its own replica, and the replicas meet every ``inner_steps``.
+class OuterSyncError(RuntimeError):
+    """An outer step could not complete: a peer died or stalled, or every worker's pseudo-gradient was not finite."""
 
-    Between outer steps, each worker runs the LightningModule's own optimizer (the inner optimizer, AdamW in the paper)
-    on its own data shard with no gradient communication at all. Every ``inner_steps`` optimizer steps the workers
-    average their pseudo-gradients ``global - local``, the outer optimizer (SGD with Nesterov momentum by default)
-    steps the global weights with that average as gradient, and every worker continues from the new global weights.
+
+@dataclass
+class _Sync:
+    """One fragment's outer step between the moment its pseudo-gradients leave and the moment they are applied."""
+
+    fragment: int
+    step: int  # the optimizer step at which it started
+    apply_at: int  # the optimizer step after which it is applied (step + overlap_steps)
+    deltas: list[Tensor]  # this worker's pseudo-gradients; the workers' mean once `future` is done
+    buffers: dict[str, Tensor]  # this worker's float buffers; their mean once done
+    weights: list[float]  # every worker's weight in the mean (0 for a worker whose pseudo-gradient is not finite)
+    future: Optional["Future[CommStats]"] = None
+    stats: Optional[CommStats] = None  # set once the means are in `deltas` and `buffers`
+    started: float = field(default_factory=time.perf_counter)
+
+
+class DiLoCoStrategy(DDPStrategy):
+    """DiLoCo: every worker trains its own replica, and the replicas meet every ``inner_steps`` optimizer steps.
+
+    Between outer steps each worker runs the LightningModule's own optimizer (the inner optimizer, AdamW in the paper)
+    on its own data shard with no gradient communication between workers. Every ``inner_steps`` optimizer steps the
+    workers average their pseudo-gradients ``global - local``, the outer optimizer (SGD with Nesterov momentum by
+    default) steps the global weights with that average as gradient, and every worker continues from the new global
+    weights (:meth:`outer_step`).
 
     Args:
-        inner_steps: H, the number of optimizer steps (``trainer.global_step`` increments, so gradient accumulation
-            counts once per step) each worker takes between two outer steps.
+        inner_steps: H, the optimizer steps (``trainer.global_step`` increments, so gradient accumulation counts once
+            per step) each worker takes between two outer steps.
         outer_lr: learning rate of the default outer optimizer (SGD with Nesterov momentum).
         outer_momentum: momentum of the default outer optimizer, in ``[0, 1)``; 0 gives plain SGD.
         outer_nesterov: use Nesterov momentum in the default outer optimizer.
         outer_optimizer: a callable that takes the global parameters and returns any ``torch.optim.Optimizer``; it
-            replaces the default outer optimizer (and then ``outer_lr``/``outer_momentum``/``outer_nesterov`` must
-            keep their defaults).
+            replaces the default outer optimizer (``outer_lr``/``outer_momentum``/``outer_nesterov`` must then keep
+            their defaults).
         outer_device: where the global weights and the outer optimizer state live; ``"cpu"`` keeps them out of
             accelerator memory. Defaults to the device the model trains on.
-        eval_weights: which weights validation sees during ``fit``: ``"global"`` (the last outer step's weights) or
-            ``"local"`` (each worker's current replica). The local weights are restored afterwards.
+        eval_weights: which weights validation sees during ``fit``: ``"global"`` (the global weights) or ``"local"``
+            (each worker's replica). The local weights are restored afterwards.
+        compression: how pseudo-gradients travel: ``"none"`` (fp32), ``"bf16"``, ``"fp16"``, ``"int8"``, ``"int4"`` or
+            ``"e3m0"`` (4-bit); the sum is always accumulated in fp32.
+        error_feedback: carry what compression dropped into the next outer step.
+        num_fragments: F; the parameters are cut into F bands of layers that sync at staggered steps (Streaming
+            DiLoCo), each every ``inner_steps``, so that one sync moves about 1/F of the model.
+        overlap_steps: tau; a sync's communication runs in the background during this many inner steps, then its
+            outer update is applied. 0 waits for it at once.
+        overlap_mixing: alpha; with ``overlap_steps > 0`` a worker keeps this share of its local weights when the
+            outer update lands: ``local = alpha * local + (1 - alpha) * global``.
+        processes_per_worker: G; each DiLoCo worker is G processes that train one replica together (DDP inside the
+            worker, every step); only the workers' outer syncs cross between them. Must divide the world size.
+        outer_backend: backend of the outer syncs' process groups, e.g. ``"gloo"`` (over CPU tensors, so workers on
+            different kinds of accelerators can sync). Defaults to the training backend.
+        sync_timeout: seconds an outer sync may wait for a peer before it fails with :class:`OuterSyncError`
+            (instead of hanging); defaults to ``timeout``.
+        nonfinite: what a worker whose pseudo-gradient is not finite (NaN/inf) does: ``"skip"`` drops its
+            contribution (the mean is over the healthy workers), warns, and restarts it from the global weights with
+            a fresh inner optimizer state; ``"raise"`` stops training with :class:`OuterSyncError`.
+        speed_weighted: let slower workers compute fewer of the H steps of a round (in proportion to their measured
+            speed) and weight pseudo-gradients by the steps each computed, so fast workers do not wait at syncs.
         bucket_cap_mb: the size of the flat buckets the pseudo-gradients travel in (one collective per bucket).
         accelerator: see :class:`~lightning.pytorch.strategies.DDPStrategy`.
         parallel_devices: see :class:`~lightning.pytorch.strategies.DDPStrategy`.
         cluster_environment: see :class:`~lightning.pytorch.strategies.DDPStrategy`.
         checkpoint_io: see :class:`~lightning.pytorch.strategies.DDPStrategy`.
         precision_plugin: see :class:`~lightning.pytorch.strategies.DDPStrategy`.
-        process_group_backend: the ``torch.distributed`` backend, ``"gloo"`` or ``"nccl"``; defaults to the
-            device's usual one.
-        timeout: timeout of the collectives.
+        process_group_backend: the training backend, ``"gloo"`` or ``"nccl"``; defaults to the device's usual one.
+        timeout: timeout of the training process group's collectives.
         start_method: how Lightning starts the worker processes, as in DDP.
 
     """
@@ -79,6 +127,16 @@ class DiLoCoStrategy(DDPStrategy):
         outer_optimizer: Optional[OuterOptimizerCallable] = None,
         outer_device: Optional[Union[str, torch.device]] = None,
         eval_weights: Literal["global", "local"] = "global",
+        compression: str = "none",
+        error_feedback: bool = False,
+        num_fragments: int = 1,
+        overlap_steps: int = 0,
+        overlap_mixing: float = 0.5,
+        processes_per_worker: int = 1,
+        outer_backend: Optional[str] = None,
+        sync_timeout: Optional[float] = None,
+        nonfinite: Literal["skip", "raise"] = "skip",
+        speed_weighted: bool = False,
         bucket_cap_mb: float = 128.0,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -89,9 +147,7 @@ class DiLoCoStrategy(DDPStrategy):
         timeout: Optional[timedelta] = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
     ) -> None:
-        _check_arguments(inner_steps, outer_lr, outer_momentum, outer_nesterov, outer_optimizer, eval_weights)
-        if not bucket_cap_mb > 0:
-            raise ValueError(f"`bucket_cap_mb` must be positive, got {bucket_cap_mb}.")
+        _check_arguments(locals())
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -104,18 +160,44 @@ class DiLoCoStrategy(DDPStrategy):
         )
         self.inner_steps = inner_steps
         self.eval_weights = eval_weights
+        self.compression = compression
+        self.error_feedback = error_feedback
+        self.num_fragments = num_fragments
+        self.overlap_steps = overlap_steps
+        self.overlap_mixing = overlap_mixing
+        self.processes_per_worker = processes_per_worker
+        self.outer_backend = outer_backend
+        self.sync_timeout = sync_timeout
+        self.nonfinite = nonfinite
+        self.speed_weighted = speed_weighted
         self.bucket_cap_mb = bucket_cap_mb
         self._outer_optimizer = outer_optimizer or default_outer_optimizer(outer_lr, outer_momentum, outer_nesterov)
         self._outer_device = None if outer_device is None else _parse_device(outer_device)
+
+        self.topology: Optional[Topology] = None
         self.outer: Optional[OuterState] = None
-        self.step = 0  # optimizer steps taken under DiLoCo, all rounds together
-        self.last_sync_step = 0  # value of `step` at the last outer step
-        self._stashed_local: Optional[dict[str, Tensor]] = None  # local weights while evaluation sees global ones
+        self.fragments: list[list[int]] = []
+        self.step = 0  # optimizer steps taken under DiLoCo
+        self.last_sync: list[int] = []  # per fragment, the value of `step` at its last outer step
         self.last_metrics: dict[str, float] = {}  # the metrics of the latest outer step
+        self._pending: deque[_Sync] = deque()
+        self._executor: Optional[ThreadPoolExecutor] = None
+        self._feedback: list[Optional[ErrorFeedback]] = []
+        self._stashed_local: Optional[dict[str, Tensor]] = None  # local weights while evaluation sees global ones
+        # speed-weighted rounds: steps this worker computes in the current round, and its measured compute time
+        self._budget = inner_steps
+        self._computed = 0
+        self._compute_seconds = 0.0
 
     # ------------------------------------------------------------------------------------------------------------
-    # Set-up: no DistributedDataParallel wrapper, identical start, one optimizer
+    # Set-up: process groups, no DistributedDataParallel across workers, identical start, one optimizer
     # ------------------------------------------------------------------------------------------------------------
+
+    @override
+    def setup_distributed(self) -> None:
+        super().setup_distributed()
+        timeout = timedelta(seconds=self.sync_timeout) if self.sync_timeout is not None else self._timeout
+        self.topology = build_topology(self.processes_per_worker, self.outer_backend, timeout or default_pg_timeout)
 
     @override
     def setup(self, trainer: "pl.Trainer") -> None:
@@ -124,6 +206,7 @@ class DiLoCoStrategy(DDPStrategy):
                 "`Trainer(sync_batchnorm=True)` would all-reduce BatchNorm statistics at every step, which DiLoCo"
                 " exists to avoid. Set `sync_batchnorm=False`: DiLoCo averages BatchNorm buffers at every outer step."
             )
+        check_processes_per_worker(self.processes_per_worker, self.world_size)
         super().setup(trainer)
         if trainer.state.fn != TrainerFn.FITTING:
             return
@@ -133,22 +216,53 @@ class DiLoCoStrategy(DDPStrategy):
                 f" {len(self.optimizers)}. Put all parameters into one optimizer (with several parameter groups if"
                 " they need different settings)."
             )
+        module = self.lightning_module
+        assert module is not None
+        if self.speed_weighted and not module.automatic_optimization:
+            raise ValueError(
+                "`speed_weighted=True` skips the computation of some steps, which needs automatic optimization."
+                " Use `automatic_optimization = True` or `speed_weighted=False`."
+            )
         device = self._outer_device or self.root_device
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"`outer_device={device}` needs CUDA, which is not available. Use `outer_device='cpu'`.")
-        assert self.model is not None
-        self.outer = OuterState(self.model, self._outer_optimizer, device)
-        self.step = self.last_sync_step = 0
+        self.outer = OuterState(module, self._outer_optimizer, device)
+        self.fragments = split_into_fragments([p.numel() for p in module.parameters()], self.num_fragments)
+        self.step = 0
+        self.last_sync = [0] * self.num_fragments
+        self._pending.clear()
+        self._feedback = [ErrorFeedback() if self.error_feedback else None for _ in self.fragments]
+        self._budget, self._computed, self._compute_seconds = self.inner_steps, 0, 0.0
+        if self.overlap_steps > 0 and self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diloco-outer-sync")
+        if self.speed_weighted:
+            warnings.filterwarnings("ignore", message=r".*`training_step` returned `None`.*")
 
     @override
     def configure_ddp(self) -> None:
-        """Leave the model unwrapped (so no gradient is all-reduced) and start every worker from rank 0's weights."""
-        assert self.model is not None
+        """Start every process from rank 0's weights; wrap in DDP only inside a worker of several processes."""
+        assert self.model is not None and self.topology is not None
         _sync_module_states(self.model)
+        if self.processes_per_worker > 1:
+            self.model = DistributedDataParallel(
+                self.model, device_ids=self.determine_ddp_device_ids(), process_group=self.topology.intra
+            )
+
+    @property
+    def num_workers(self) -> int:
+        """The number of DiLoCo workers (processes divided by ``processes_per_worker``)."""
+        return self.world_size // self.processes_per_worker
 
     # ------------------------------------------------------------------------------------------------------------
-    # The inner loop and the outer step
+    # The inner loop
     # ------------------------------------------------------------------------------------------------------------
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        """The module's training step, unless a slow worker has used up this round's budget (``speed_weighted``)."""
+        if self.speed_weighted and self.outer is not None and self._computed >= self._budget:
+            return None  # Lightning still steps the optimizer: no gradient, so nothing moves
+        return super().training_step(*args, **kwargs)
 
     @override
     def optimizer_step(
@@ -158,12 +272,195 @@ class DiLoCoStrategy(DDPStrategy):
         model: Optional[Union["pl.LightningModule", Module]] = None,
         **kwargs: Any,
     ) -> Any:
-        """One inner step on this worker's replica; every ``inner_steps`` of them, an outer step."""
+        """One inner step on this worker's replica, then any outer step that falls after it."""
+        skipped = self.speed_weighted and self._computed >= self._budget
+        start = time.perf_counter()
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if not skipped:
+            self._computed += 1
+            self._compute_seconds += time.perf_counter() - start
         self.step += 1
-        if self.step - self.last_sync_step >= self.inner_steps:
-            self.outer_step()
+        if self.outer is not None:
+            while self._pending and self._pending[0].apply_at <= self.step:
+                self._apply(self._pending.popleft())
+            for fragment in range(self.num_fragments):
+                if is_due(self.step, fragment, self.num_fragments, self.inner_steps):
+                    self.outer_step(fragment)
         return output
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The outer step (Algorithm 1, lines 8-12)
+    # ------------------------------------------------------------------------------------------------------------
+
+    def outer_step(self, fragment: int = 0, overlap: Optional[bool] = None) -> None:
+        """The outer step of one fragment (the whole model unless ``num_fragments > 1``).
+
+        1. This worker's pseudo-gradient: ``global - local``.
+        2. Its mean over the workers (in the background when ``overlap_steps > 0``).
+        3. The outer optimizer steps the global weights with that mean as gradient.
+        4. The worker continues from the global weights.
+        """
+        assert self.outer is not None
+        module = self.lightning_module
+        assert module is not None
+        device = self._communication_device()
+        deltas = self.outer.pseudo_gradients(list(module.parameters()), device, self.fragments[fragment])  # 1.
+        buffers = {}
+        if fragment == self.num_fragments - 1:  # the last fragment also carries the float buffers
+            buffers = {n: b.detach().to(device, torch.float32, copy=True) for n, b in float_buffers(module)}
+        sync = _Sync(fragment, self.step, self.step, deltas, buffers, self._exchange_weights(deltas))
+        overlap = self.overlap_steps > 0 if overlap is None else overlap
+        if overlap:  # 2., in the background
+            assert self._executor is not None
+            sync.apply_at = self.step + self.overlap_steps
+            sync.future = self._executor.submit(self._average, sync)
+            self._pending.append(sync)
+        else:
+            self._apply(sync)
+
+    def _average(self, sync: _Sync) -> CommStats:
+        """Replace ``sync.deltas`` and ``sync.buffers`` by their weighted means over the workers."""
+        assert self.topology is not None
+        me = self.topology.worker
+        weight, total = sync.weights[me], sum(sync.weights)
+        if weight == 0:
+            for d in sync.deltas:
+                d.zero_()  # a poisoned worker sends exact zeros
+        stats = average_across_workers(
+            sync.deltas, self.topology, self.compression, self.bucket_cap_mb, weight, max(total, 1e-12),
+            self._feedback[sync.fragment] if weight else None,
+        )
+        if sync.buffers:
+            values = list(sync.buffers.values())
+            if weight == 0:
+                for b in values:
+                    b.zero_()
+            healthy = float(sum(1 for w in sync.weights if w > 0))
+            stats = stats + average_across_workers(
+                values, self.topology, "none", self.bucket_cap_mb, float(weight > 0), healthy, None
+            )
+        sync.stats = stats
+        return stats
+
+    def _apply(self, sync: _Sync) -> None:
+        """Wait for ``sync``'s mean (2.), step the global weights (3.) and move this worker to them (4.)."""
+        assert self.outer is not None
+        module = self.lightning_module
+        assert module is not None
+        waited = time.perf_counter()
+        try:
+            if sync.future is not None:
+                sync.future.result()
+            elif sync.stats is None:
+                self._average(sync)
+        except RuntimeError as err:
+            raise self._sync_failed(sync, err) from err
+        stats = sync.stats
+        assert stats is not None
+        blocked = time.perf_counter() - waited
+        healthy = sum(1 for w in sync.weights if w > 0)
+        mine_ok = sync.weights[self.topology.worker] > 0 if self.topology else True
+        if healthy:
+            self.outer.step(sync.deltas, self.fragments[sync.fragment])  # 3.
+        if sync.buffers:
+            self.outer.set_buffers(sync.buffers)
+        mixing = self.overlap_mixing if sync.apply_at > sync.step and mine_ok else 0.0
+        self.outer.copy_to(module, self.fragments[sync.fragment], mixing, buffers=bool(sync.buffers))  # 4.
+        if not mine_ok:
+            self._reset_inner_optimizer()
+        self.last_sync[sync.fragment] = sync.step
+        if sync.fragment == self.num_fragments - 1:
+            self._next_round_budget(sync)
+        self._log_outer_step(sync, stats, blocked, healthy)
+
+    def _exchange_weights(self, deltas: list[Tensor]) -> list[float]:
+        """Every worker's weight in this outer step's mean: 0 if its pseudo-gradient is not finite, else 1 (or, with
+        ``speed_weighted``, the steps it computed this round). Also shares the measured speeds."""
+        finite = all(bool(torch.isfinite(d).all()) for d in deltas)
+        work = float(self._computed) if self.speed_weighted else 1.0
+        seconds_per_step = self._compute_seconds / max(self._computed, 1)
+        mine = torch.tensor([work if finite else 0.0, seconds_per_step], dtype=torch.float64)
+        topology = self.topology
+        if topology is None or topology.control is None or topology.world_size == 1:
+            table = mine[None]
+        else:
+            gathered = [torch.empty_like(mine) for _ in range(topology.world_size)]
+            try:
+                dist.all_gather(gathered, mine, group=topology.control)
+            except RuntimeError as err:
+                raise self._sync_failed(None, err) from err
+            table = torch.stack(gathered[:: topology.processes_per_worker])  # one row per worker
+            slowest = torch.stack(gathered)[:, 1].view(-1, topology.processes_per_worker).max(dim=1).values
+            table[:, 1] = slowest
+        self._seconds_per_step = table[:, 1].tolist()
+        weights = table[:, 0].tolist()
+        unhealthy = [w for w, value in enumerate(weights) if value == 0]
+        if unhealthy:
+            message = (
+                f"The pseudo-gradient of worker(s) {unhealthy} is not finite (NaN or inf) at optimizer step {self.step}."
+            )
+            if self.nonfinite == "raise" or len(unhealthy) == len(weights):
+                raise OuterSyncError(
+                    message + " Nothing reached the global weights. Lower the learning rate, clip gradients, or use"
+                    " `nonfinite='skip'` to drop such workers from the outer step."
+                )
+            rank_zero_warn(message + " Their contribution is dropped from this outer step and they restart from the"
+                           " global weights with a fresh inner optimizer state.")
+        return weights
+
+    def _next_round_budget(self, sync: _Sync) -> None:
+        """With ``speed_weighted``, give this worker about ``H * its speed / the fastest speed`` steps next round."""
+        if self.speed_weighted and self.topology is not None:
+            fastest = min(s for s in self._seconds_per_step if s > 0) if any(self._seconds_per_step) else 0.0
+            mine = self._seconds_per_step[self.topology.worker]
+            self._budget = self.inner_steps if not fastest or not mine else max(
+                1, min(self.inner_steps, round(self.inner_steps * fastest / mine))
+            )
+        self._computed, self._compute_seconds = 0, 0.0
+
+    def _reset_inner_optimizer(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.state.clear()
+
+    def _sync_failed(self, sync: Optional[_Sync], err: BaseException) -> OuterSyncError:
+        what = f"fragment {sync.fragment} started at optimizer step {sync.step}" if sync else f"step {self.step}"
+        outer = self.outer.outer_step + 1 if self.outer else 0
+        return OuterSyncError(
+            f"Outer step {outer} ({what}) failed while waiting for other workers: a peer is dead, stalled or"
+            f" unreachable (sync_timeout={self.sync_timeout}s). Restart from the last checkpoint (torchrun"
+            f" --max-restarts does it by itself). Cause: {err}"
+        )
+
+    def _communication_device(self) -> torch.device:
+        """Where pseudo-gradients are built and sent: on the accelerator for nccl, on the CPU for gloo."""
+        assert self.outer is not None and self.topology is not None
+        if self.topology.outer_backend == "nccl":
+            return self.root_device
+        return torch.device("cpu") if self.root_device.type != "cpu" else self.outer.device
+
+    def _log_outer_step(self, sync: _Sync, stats: CommStats, blocked: float, healthy: int) -> None:
+        """Send the outer step's metrics to every logger, at the step of this outer step.
+
+        They go to the loggers directly, not through ``LightningModule.log``, so that ``log_every_n_steps`` does not
+        drop outer steps that fall between two logging steps. ``last_metrics`` keeps them for callbacks.
+        """
+        assert self.outer is not None
+        self.last_metrics = {
+            "diloco/outer_step": float(self.outer.outer_step),
+            "diloco/fragment": float(sync.fragment),
+            "diloco/pseudo_grad_norm": math.sqrt(sum(float(d.double().square().sum()) for d in sync.deltas)),
+            "diloco/sync_seconds": time.perf_counter() - sync.started,
+            "diloco/blocked_seconds": blocked,
+            "diloco/comm_seconds": stats.seconds,
+            "diloco/bytes_sent": float(stats.bytes_sent),
+            "diloco/healthy_workers": float(healthy),
+        }
+        if self.speed_weighted:
+            self.last_metrics["diloco/round_budget"] = float(self._budget)
+        module = self.lightning_module
+        assert module is not None
+        for logger in module.trainer.loggers:
+            logger.log_metrics(self.last_metrics, step=self._global_step())
 
     def _global_step(self) -> int:
         """``trainer.global_step`` counting the optimizer step in progress (Lightning increments it afterwards)."""
@@ -172,67 +469,27 @@ class DiLoCoStrategy(DDPStrategy):
         in_step = trainer.training and self.lightning_module._current_fx_name in ("optimizer_step", "training_step")
         return trainer.global_step + int(in_step)
 
-    def outer_step(self) -> None:
-        """Algorithm 1's outer step: average the pseudo-gradients, step the global weights, restart from them."""
-        assert self.outer is not None and self.model is not None
-        start = time.perf_counter()
-        local = list(self.model.parameters())
-        device = self._communication_device()
-
-        deltas = self.outer.pseudo_gradients(local, device)  # global - local, this worker's pseudo-gradient
-        stats = self.all_reduce_mean(deltas)  # the mean over workers
-        self.outer.step(deltas)  # outer optimizer step on the global weights
-        stats += self._average_buffers(device)
-        self.outer.copy_to(self.model)  # every worker restarts from the global weights
-
-        self.last_sync_step = self.step
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        self._log_outer_step(
-            {
-                "diloco/outer_step": float(self.outer.outer_step),
-                "diloco/pseudo_grad_norm": math.sqrt(sum(float(d.double().square().sum()) for d in deltas)),
-                "diloco/sync_seconds": time.perf_counter() - start,
-                "diloco/bytes_sent": float(stats.bytes_sent),
-            }
-        )
-
-    def all_reduce_mean(self, tensors: list[Tensor]) -> "CommStats":
-        """Average ``tensors`` over all workers in place, in flat buckets."""
-        return average_(tensors, bucket_cap_mb=self.bucket_cap_mb)
-
-    def _average_buffers(self, device: torch.device) -> "CommStats":
-        assert self.outer is not None and self.model is not None
-        buffers = {name: b.detach().to(device, self.outer.buffers[name].dtype) for name, b in float_buffers(self.model)}
-        stats = self.all_reduce_mean(list(buffers.values()))
-        self.outer.set_buffers(buffers)
-        return stats
-
-    def _communication_device(self) -> torch.device:
-        """The outer device when the backend can reach it (gloo reaches CPU and CUDA), else the training device."""
-        assert self.outer is not None
-        if self.outer.device.type == "cpu" and dist.is_initialized() and dist.get_backend() == "nccl":
-            return self.root_device
-        return self.outer.device
-
-    def _log_outer_step(self, metrics: dict[str, float]) -> None:
-        """Send the outer step's metrics to every logger, at the step of this outer step.
-
-        They go to the loggers directly, not through ``LightningModule.log``, so that ``log_every_n_steps`` does not
-        drop outer steps that fall between two logging steps. ``last_metrics`` keeps them for callbacks.
-        """
-        self.last_metrics = metrics
-        module = self.lightning_module
-        assert module is not None
-        for logger in module.trainer.loggers:
-            logger.log_metrics(metrics, step=self._global_step())
+    def flush(self) -> None:
+        """Apply every sync in flight and close every fragment's open round, so all workers hold the global weights."""
+        while self._pending:
+            self._apply(self._pending.popleft())
+        for fragment in range(self.num_fragments):
+            if self.step > self.last_sync[fragment]:
+                self.outer_step(fragment, overlap=False)
 
     @override
     def on_train_end(self) -> None:
         """A final outer step when ``fit`` stops mid-round, so every rank ends holding the same global weights."""
-        if self.outer is not None and self.step > self.last_sync_step:
-            self.outer_step()
+        if self.outer is not None:
+            self.flush()
         super().on_train_end()
+
+    @override
+    def teardown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        super().teardown()
 
     # ------------------------------------------------------------------------------------------------------------
     # Evaluation during fit sees the global weights
@@ -242,15 +499,16 @@ class DiLoCoStrategy(DDPStrategy):
     def on_validation_start(self) -> None:
         super().on_validation_start()
         if self.outer is not None and self.eval_weights == "global" and self._stashed_local is None:
-            assert self.model is not None
-            self._stashed_local = _clone_state(self.model, self.outer.device)
-            self.outer.copy_to(self.model)
+            module = self.lightning_module
+            assert module is not None
+            self._stashed_local = _clone_state(module, self.outer.device)
+            self.outer.copy_to(module)
 
     @override
     def on_validation_end(self) -> None:
         if self._stashed_local is not None:
-            assert self.model is not None
-            self.model.load_state_dict(self._stashed_local, strict=False)
+            assert self.lightning_module is not None
+            self.lightning_module.load_state_dict(self._stashed_local, strict=False)
             self._stashed_local = None
         super().on_validation_end()
 
@@ -272,29 +530,53 @@ class DiLoCoStrategy(DDPStrategy):
     ) -> None:
         """Gather every worker's local weights and inner optimizer state into rank 0's checkpoint, then write it.
 
-        All ranks call this (as Lightning does), since gathering is a collective.
+        All ranks call this (as Lightning does), since gathering is a collective. Syncs in flight are waited for
+        (not applied): their means are saved and applied at their step after a resume.
         """
         if self.outer is not None and "optimizer_states" in checkpoint:
+            pending = [self._finished(sync) for sync in self._pending]
             workers = self._gather_to_rank_zero(self._worker_state())
             if self.is_global_zero:
+                assert workers is not None
                 checkpoint[CHECKPOINT_KEY] = {
                     "version": _CHECKPOINT_VERSION,
                     "inner_steps": self.inner_steps,
-                    "world_size": self.world_size,
+                    "num_fragments": self.num_fragments,
+                    "num_workers": self.num_workers,
+                    "processes_per_worker": self.processes_per_worker,
                     "step": self.step,
-                    "last_sync_step": self.last_sync_step,
+                    "last_sync": list(self.last_sync),
                     "outer": self.outer.state_dict(),
-                    "workers": workers,
+                    "pending": pending,
+                    "workers": workers[:: self.processes_per_worker],
                 }
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
-    def _worker_state(self) -> dict[str, Any]:
-        """This worker's own state: its local weights and buffers, and its inner optimizer's state, on the CPU."""
-        assert self.model is not None
-        module = self._stashed_local if self._stashed_local is not None else self.model.state_dict()
+    def _finished(self, sync: _Sync) -> dict[str, Any]:
+        if sync.future is not None:
+            try:
+                sync.future.result()
+            except RuntimeError as err:
+                raise self._sync_failed(sync, err) from err
+            sync.future = None
         return {
-            "module": {name: t.detach().cpu().clone() for name, t in module.items()},
+            "fragment": sync.fragment, "step": sync.step, "apply_at": sync.apply_at, "weights": sync.weights,
+            "deltas": [d.detach().cpu().clone() for d in sync.deltas],
+            "buffers": {n: b.detach().cpu().clone() for n, b in sync.buffers.items()},
+        }
+
+    def _worker_state(self) -> dict[str, Any]:
+        """This worker's own state on the CPU: local weights and buffers, inner optimizer, compression residuals."""
+        module = self.lightning_module
+        assert module is not None
+        weights = self._stashed_local if self._stashed_local is not None else module.state_dict()
+        full = module.state_dict()
+        full.update(weights)
+        return {
+            "module": {name: t.detach().cpu().clone() for name, t in full.items()},
             "optimizer_states": [_to_cpu(self.optimizer_state(opt)) for opt in self.optimizers],
+            "error_feedback": [_to_cpu(f.state_dict()) if f else None for f in self._feedback],
+            "speed": {"budget": self._budget, "computed": self._computed, "compute_seconds": self._compute_seconds},
         }
 
     def _gather_to_rank_zero(self, obj: Any) -> Optional[list[Any]]:
@@ -317,7 +599,13 @@ class DiLoCoStrategy(DDPStrategy):
 
     @override
     def load_optimizer_state_dict(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the outer state, the step counters and this worker's local weights and inner optimizer state."""
+        """Restore the outer state, the counters, syncs in flight, and this worker's local state.
+
+        A checkpoint written by a different number of workers first closes its open round: the outer step takes the
+        mean pseudo-gradient of all the workers that wrote it, so no inner step is lost. Then every worker starts
+        from the new global weights, and worker ``w`` takes the inner optimizer state of the saved worker
+        ``w mod k_saved``.
+        """
         state = checkpoint.get(CHECKPOINT_KEY)
         if state is None or self.outer is None:
             rank_zero_warn(
@@ -327,20 +615,58 @@ class DiLoCoStrategy(DDPStrategy):
             )
             super().load_optimizer_state_dict(checkpoint)
             return
-        if state["world_size"] != self.world_size:
-            raise ValueError(
-                f"The checkpoint was written by {state['world_size']} DiLoCo workers but this run has"
-                f" {self.world_size}. Resume with the same number of processes (devices x num_nodes)."
-            )
+        _check_resumable(state, self)
+        module = self.lightning_module
+        assert module is not None and self.topology is not None
         self.outer.load_state_dict(state["outer"])
-        worker = state["workers"][self.global_rank]
-        assert self.model is not None
-        self.model.load_state_dict(worker["module"])
+        self.step = int(state["step"])
+        self.last_sync = [int(s) for s in state["last_sync"]]
+        saved_workers = state["workers"]
+        same_workers = len(saved_workers) == self.num_workers
+        worker = saved_workers[self.topology.worker % len(saved_workers)]
         for optimizer, opt_state in zip(self.optimizers, worker["optimizer_states"]):
             optimizer.load_state_dict(opt_state)
             _optimizer_to_device(optimizer, self.root_device)
-        self.step = int(state["step"])
-        self.last_sync_step = int(state["last_sync_step"])
+        self._pending = deque(_restored_sync(p, self._communication_device()) for p in state["pending"])
+        if same_workers:
+            module.load_state_dict(worker["module"])
+            for feedback, saved in zip(self._feedback, worker.get("error_feedback", [])):
+                if feedback is not None and saved is not None:
+                    feedback.load_state_dict(saved)
+            speed = worker.get("speed", {})
+            self._budget = int(speed.get("budget", self.inner_steps))
+            self._computed = int(speed.get("computed", 0))
+            self._compute_seconds = float(speed.get("compute_seconds", 0.0))
+        else:
+            self._close_saved_round(saved_workers, module)
+            rank_zero_warn(
+                f"Resuming {len(saved_workers)} DiLoCo workers' checkpoint on {self.num_workers} workers: their open"
+                " round was closed with an outer step over all saved workers, every worker starts from the new global"
+                f" weights, and worker w takes saved worker (w mod {len(saved_workers)})'s inner optimizer state."
+            )
+
+    def _close_saved_round(self, saved_workers: list[dict[str, Any]], module: Module) -> None:
+        """Apply syncs in flight, then one outer step with the mean pseudo-gradient of the saved workers."""
+        assert self.outer is not None
+        while self._pending:
+            sync = self._pending.popleft()
+            self.outer.step(sync.deltas, self.fragments[sync.fragment])
+            if sync.buffers:
+                self.outer.set_buffers(sync.buffers)
+        names = self.outer.names
+        device = self.outer.device
+        means = [
+            torch.stack([g.detach() - w["module"][n].to(device, g.dtype) for w in saved_workers]).mean(dim=0)
+            for n, g in zip(names, self.outer.params)
+        ]
+        if self.step > min(self.last_sync):
+            self.outer.step(means)
+        for name in self.outer.buffers:
+            self.outer.buffers[name].copy_(
+                torch.stack([w["module"][name].to(device, torch.float32) for w in saved_workers]).mean(dim=0)
+            )
+        self.outer.copy_to(module)
+        self.last_sync = [self.step] * self.num_fragments
 
     # ------------------------------------------------------------------------------------------------------------
     # Registry
@@ -361,42 +687,91 @@ class DiLoCoStrategy(DDPStrategy):
             )
 
 
-def _check_arguments(
-    inner_steps: int,
-    outer_lr: float,
-    outer_momentum: float,
-    outer_nesterov: bool,
-    outer_optimizer: Optional[OuterOptimizerCallable],
-    eval_weights: str,
-) -> None:
+def _check_arguments(args: dict[str, Any]) -> None:
+    """Refuse bad arguments with an error that names the argument and says what to do."""
+    inner_steps = args["inner_steps"]
     if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
         raise ValueError(
             f"`inner_steps` must be an integer >= 1 (the optimizer steps between outer steps), got {inner_steps!r}."
         )
+    outer_lr, outer_momentum = args["outer_lr"], args["outer_momentum"]
     if not (isinstance(outer_lr, (int, float)) and math.isfinite(outer_lr) and outer_lr > 0):
         raise ValueError(f"`outer_lr` must be a positive number (the paper uses 0.7), got {outer_lr!r}.")
     if not (isinstance(outer_momentum, (int, float)) and 0 <= outer_momentum < 1):
         raise ValueError(
             f"`outer_momentum` must be in [0, 1) (the paper uses 0.9; 0 gives plain SGD), got {outer_momentum!r}."
         )
+    outer_optimizer = args["outer_optimizer"]
     if outer_optimizer is not None:
         if not callable(outer_optimizer):
             raise TypeError(
                 "`outer_optimizer` must be a callable that takes the global parameters and returns a"
                 f" `torch.optim.Optimizer`, got {type(outer_optimizer).__name__}."
             )
-        changed = [
-            name
-            for name, value in zip(_DEFAULT_OUTER, (outer_lr, outer_momentum, outer_nesterov))
-            if value != _DEFAULT_OUTER[name]
-        ]
+        changed = [name for name, default in _DEFAULT_OUTER.items() if args[name] != default]
         if changed:
             raise ValueError(
                 f"{', '.join(f'`{n}`' for n in changed)} configure the default outer optimizer, which `outer_optimizer`"
                 " replaces. Set the learning rate and momentum inside `outer_optimizer` instead."
             )
-    if eval_weights not in ("global", "local"):
-        raise ValueError(f"`eval_weights` must be 'global' or 'local', got {eval_weights!r}.")
+    if args["eval_weights"] not in ("global", "local"):
+        raise ValueError(f"`eval_weights` must be 'global' or 'local', got {args['eval_weights']!r}.")
+    if args["compression"] not in COMPRESSOR_NAMES:
+        raise ValueError(f"`compression` must be one of {', '.join(COMPRESSOR_NAMES)}; got {args['compression']!r}.")
+    if args["error_feedback"] and args["compression"] == "none":
+        raise ValueError("`error_feedback=True` needs a lossy `compression` (for example 'int8'); 'none' loses nothing.")
+    for name in ("num_fragments", "processes_per_worker"):
+        value = args[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+    overlap = args["overlap_steps"]
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < inner_steps:
+        raise ValueError(
+            f"`overlap_steps` must be an integer in [0, inner_steps) = [0, {inner_steps}), got {overlap!r}: a sync"
+            " must land before the same fragment syncs again."
+        )
+    if args["num_fragments"] > inner_steps:
+        raise ValueError(
+            f"`num_fragments={args['num_fragments']}` is more than `inner_steps={inner_steps}`: fragments would share"
+            " sync steps. Use at most `inner_steps` fragments."
+        )
+    if not 0 <= args["overlap_mixing"] < 1:
+        raise ValueError(f"`overlap_mixing` must be in [0, 1), got {args['overlap_mixing']!r}.")
+    if args["sync_timeout"] is not None and not args["sync_timeout"] > 0:
+        raise ValueError(f"`sync_timeout` must be a positive number of seconds, got {args['sync_timeout']!r}.")
+    if args["nonfinite"] not in ("skip", "raise"):
+        raise ValueError(f"`nonfinite` must be 'skip' or 'raise', got {args['nonfinite']!r}.")
+    if args["outer_backend"] not in (None, "gloo", "nccl", "mpi"):
+        raise ValueError(f"`outer_backend` must be 'gloo', 'nccl' or None, got {args['outer_backend']!r}.")
+    if args["speed_weighted"] and (args["num_fragments"] > 1 or overlap > 0):
+        raise ValueError(
+            "`speed_weighted=True` works with whole-model, blocking outer steps. Use `num_fragments=1` and"
+            " `overlap_steps=0` with it."
+        )
+    if not args["bucket_cap_mb"] > 0:
+        raise ValueError(f"`bucket_cap_mb` must be positive, got {args['bucket_cap_mb']}.")
+
+
+def _check_resumable(state: dict[str, Any], strategy: DiLoCoStrategy) -> None:
+    if state.get("version") != _CHECKPOINT_VERSION:
+        raise ValueError(
+            f"The checkpoint's DiLoCo state has version {state.get('version')!r}; this version of lightning-diloco"
+            f" reads version {_CHECKPOINT_VERSION}. Resume with the version that wrote it."
+        )
+    if state["num_fragments"] != strategy.num_fragments:
+        raise ValueError(
+            f"The checkpoint was written with `num_fragments={state['num_fragments']}` but this run has"
+            f" `num_fragments={strategy.num_fragments}`. Resume with the same number of fragments."
+        )
+
+
+def _restored_sync(saved: dict[str, Any], device: torch.device) -> _Sync:
+    """A sync that was in flight when its checkpoint was written, with its means already in."""
+    return _Sync(
+        saved["fragment"], saved["step"], saved["apply_at"], [d.to(device) for d in saved["deltas"]],
+        {n: b.to(device) for n, b in saved["buffers"].items()}, list(saved["weights"]),
+        stats=CommStats("restored", "none", 1),
+    )
 
 
 def _parse_device(device: Union[str, torch.device]) -> torch.device:
@@ -421,44 +796,3 @@ def _to_cpu(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_cpu(v) for v in obj)
     return obj
-
-
-class CommStats:
-    """What one collective call cost this worker."""
-
-    def __init__(self, bytes_sent: int = 0, seconds: float = 0.0) -> None:
-        self.bytes_sent = bytes_sent
-        self.seconds = seconds
-
-    def __iadd__(self, other: "CommStats") -> "CommStats":
-        self.bytes_sent += other.bytes_sent
-        self.seconds += other.seconds
-        return self
-
-
-@torch.no_grad()
-def average_(tensors: list[Tensor], bucket_cap_mb: float = 128.0) -> CommStats:
-    """Average ``tensors`` over the world in place, one all-reduce per flat bucket."""
-    stats = CommStats()
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if world == 1 or not tensors:
-        return stats
-    cap = int(bucket_cap_mb * 2**20)
-    bucket: list[Tensor] = []
-    size = 0
-    for i, t in enumerate(tensors):
-        bucket.append(t)
-        size += t.numel() * t.element_size()
-        if size >= cap or i == len(tensors) - 1:
-            flat = torch.cat([b.reshape(-1) for b in bucket])
-            start = time.perf_counter()
-            dist.all_reduce(flat)
-            stats.seconds += time.perf_counter() - start
-            flat /= world
-            stats.bytes_sent += 2 * (world - 1) * flat.numel() * flat.element_size() // world
-            offset = 0
-            for b in bucket:
-                b.copy_(flat[offset : offset + b.numel()].view_as(b))
-                offset += b.numel()
-            bucket, size = [], 0
-    return stats
