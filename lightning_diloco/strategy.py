@@ -20,6 +20,7 @@ from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.nn import Module
@@ -237,6 +238,7 @@ class DiLoCoStrategy(DDPStrategy):
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diloco-outer-sync")
         if self.speed_weighted:
             warnings.filterwarnings("ignore", message=r".*`training_step` returned `None`.*")
+        _no_collective_per_step(trainer)
 
     @override
     def configure_ddp(self) -> None:
@@ -685,6 +687,24 @@ class DiLoCoStrategy(DDPStrategy):
                 description=f"DiLoCo strategy with `start_method` '{start_method}'",
                 start_method=start_method,
             )
+
+
+def _no_collective_per_step(trainer: "pl.Trainer") -> None:
+    """Replace Lightning's per-batch broadcast of rank 0's SIGTERM flag by a check of this process's own flag.
+
+    Lightning 2.6 broadcasts that flag from rank 0 before every training batch, a collective on every step that would
+    make every worker wait for the slowest one at every step, over the slow link. A DiLoCo worker that received
+    SIGTERM stops on its own; the others stop at their next outer step (which then fails, or times out after
+    ``sync_timeout``).
+    """
+    epoch_loop = trainer.fit_loop.epoch_loop
+    if hasattr(epoch_loop, "_broadcast_sigterm_tensor"):
+
+        def check_own_sigterm() -> None:
+            if getattr(trainer, "received_sigterm", False):
+                raise SIGTERMException()
+
+        epoch_loop._broadcast_sigterm_tensor = check_own_sigterm
 
 
 def _check_arguments(args: dict[str, Any]) -> None:

@@ -1,7 +1,8 @@
 """A tiny deterministic model and dataset shared by the strategy tests, their worker script and the reference."""
 
 import os
-from typing import Any
+import time
+from typing import Any, Optional
 
 import lightning as L
 import torch
@@ -62,6 +63,8 @@ class ToyModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         self.record["indices"].append(batch[0].tolist())
+        self.record.setdefault("computed", []).append(self.trainer.global_step + 1)
+        _inject_faults(self, "slow")
         loss = self.loss(batch)
         if self.manual:
             opt = self.optimizers()
@@ -72,6 +75,7 @@ class ToyModule(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        _inject_faults(self, "batch_end")
         self.record["local"].append(flat(self.net))
         self.record["steps"].append(self.trainer.global_step)
 
@@ -82,6 +86,29 @@ class ToyModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return make_optimizer(self.parameters(), self.optimizer_kind, self.lr)
+
+
+def _fault(name: str) -> Optional[list[float]]:
+    """A fault from the environment, e.g. ``TOY_NAN=1:4`` (rank 1, after step 4); ``None`` if not set for this rank."""
+    value = os.environ.get(name)
+    if not value:
+        return None
+    parts = [float(v) for v in value.split(":")]
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+    return parts[1:] if int(parts[0]) == rank else None
+
+
+def _inject_faults(module: "ToyModule", where: str) -> None:
+    step = module.trainer.global_step
+    if where == "slow" and (slow := _fault("TOY_SLOW")) is not None:
+        time.sleep(slow[0])  # TOY_SLOW=rank:seconds per computed step
+    if where == "batch_end":
+        if (nan := _fault("TOY_NAN")) is not None and step == int(nan[0]):
+            with torch.no_grad():
+                module.net[0].weight[0, 0] = float("nan")  # TOY_NAN=rank:step poisons the replica
+        if (stall := _fault("TOY_STALL")) is not None and step == int(stall[0]):
+            import sys; print(f"{time.time():.1f} stalling rank {os.environ.get('LOCAL_RANK')} {os.environ.get('RANK')}", file=sys.stderr, flush=True)
+            time.sleep(stall[1])  # TOY_STALL=rank:step:seconds stalls before the next sync
 
 
 def loaders(batch_size: int = 4) -> tuple[DataLoader, DataLoader]:

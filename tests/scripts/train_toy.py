@@ -32,12 +32,36 @@ def main() -> None:
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--ckpt-dir", default=None)
     parser.add_argument("--resume", default=None)
+    parser.add_argument("--compression", default="none")
+    parser.add_argument("--error-feedback", action="store_true")
+    parser.add_argument("--fragments", type=int, default=1)
+    parser.add_argument("--overlap", type=int, default=0)
+    parser.add_argument("--mixing", type=float, default=0.5)
+    parser.add_argument("--processes-per-worker", type=int, default=1)
+    parser.add_argument("--nonfinite", default="skip")
+    parser.add_argument("--speed-weighted", action="store_true")
+    parser.add_argument("--sync-timeout", type=float, default=None)
+    parser.add_argument("--outer-backend", default=None)
+    parser.add_argument("--num-nodes", type=int, default=1)
+    parser.add_argument("--val", type=int, default=1, help="validate at every epoch end")
     args = parser.parse_args()
     torch.set_num_threads(torch_threads)
 
     if args.strategy == "diloco":
         strategy = DiLoCoStrategy(
-            inner_steps=args.inner_steps, outer_lr=args.outer_lr, outer_momentum=args.outer_momentum
+            inner_steps=args.inner_steps,
+            outer_lr=args.outer_lr,
+            outer_momentum=args.outer_momentum,
+            compression=args.compression,
+            error_feedback=args.error_feedback,
+            num_fragments=args.fragments,
+            overlap_steps=args.overlap,
+            overlap_mixing=args.mixing,
+            processes_per_worker=args.processes_per_worker,
+            nonfinite=args.nonfinite,
+            speed_weighted=args.speed_weighted,
+            sync_timeout=args.sync_timeout,
+            outer_backend=args.outer_backend,
         )
     else:
         strategy = "ddp"
@@ -49,6 +73,7 @@ def main() -> None:
     trainer = L.Trainer(
         accelerator="cpu",
         devices=args.devices,
+        num_nodes=args.num_nodes,
         strategy=strategy,
         max_steps=args.max_steps,
         max_epochs=args.max_epochs,
@@ -58,7 +83,8 @@ def main() -> None:
         enable_checkpointing=bool(args.ckpt_dir),
         enable_progress_bar=False,
         enable_model_summary=False,
-        num_sanity_val_steps=1,
+        num_sanity_val_steps=1 if args.val else 0,
+        limit_val_batches=None if args.val else 0,
     )
     model = ToyModule(optimizer=args.optimizer, lr=args.lr)
     train, val = loaders()
