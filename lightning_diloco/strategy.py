@@ -489,7 +489,8 @@ class DiLoCoStrategy(DDPStrategy):
     @override
     def teardown(self) -> None:
         if self._executor is not None:
-            self._executor.shutdown(wait=True)
+            # syncs still in flight here belong to a failed run; do not wait for them (they time out by themselves)
+            self._executor.shutdown(wait=not self._pending, cancel_futures=True)
             self._executor = None
         super().teardown()
 
