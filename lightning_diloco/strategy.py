@@ -3,7 +3,6 @@
 import logging
 import math
 import time
-import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -61,6 +60,7 @@ class _Sync:
     future: Optional["Future[CommStats]"] = None
     stats: Optional[CommStats] = None  # set once the means are in `deltas` and `buffers`
     started: float = field(default_factory=time.perf_counter)
+    exchange_seconds: float = 0.0  # time in the exchange of weights and speeds, where a worker waits for slower ones
 
 
 class DiLoCoStrategy(DDPStrategy):
@@ -236,8 +236,6 @@ class DiLoCoStrategy(DDPStrategy):
         self._budget, self._computed, self._compute_seconds = self.inner_steps, 0, 0.0
         if self.overlap_steps > 0 and self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diloco-outer-sync")
-        if self.speed_weighted:
-            warnings.filterwarnings("ignore", message=r".*`training_step` returned `None`.*")
         _no_collective_per_step(trainer)
 
     @override
@@ -259,12 +257,24 @@ class DiLoCoStrategy(DDPStrategy):
     # The inner loop
     # ------------------------------------------------------------------------------------------------------------
 
+    def _skips_step(self) -> bool:
+        """Whether this worker has used up this round's budget of computed steps (``speed_weighted``)."""
+        return self.speed_weighted and self.outer is not None and self._computed >= self._budget
+
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         """The module's training step, unless a slow worker has used up this round's budget (``speed_weighted``)."""
-        if self.speed_weighted and self.outer is not None and self._computed >= self._budget:
-            return None  # Lightning still steps the optimizer: no gradient, so nothing moves
+        if self._skips_step():
+            # Lightning refuses `None` from a training step in distributed runs: a constant stands in for the loss;
+            # its backward and the optimizer step are skipped, so no gradient is made and nothing moves
+            return torch.zeros((), device=self.root_device)
         return super().training_step(*args, **kwargs)
+
+    @override
+    def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
+        if self._skips_step():
+            return closure_loss
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     @override
     def optimizer_step(
@@ -275,9 +285,12 @@ class DiLoCoStrategy(DDPStrategy):
         **kwargs: Any,
     ) -> Any:
         """One inner step on this worker's replica, then any outer step that falls after it."""
-        skipped = self.speed_weighted and self._computed >= self._budget
+        skipped = self._skips_step()
         start = time.perf_counter()
-        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if skipped:
+            output = closure()  # Lightning's closure must run (it zeroes the gradients); the optimizer does not step
+        else:
+            output = super().optimizer_step(optimizer, closure, model, **kwargs)
         if not skipped:
             self._computed += 1
             self._compute_seconds += time.perf_counter() - start
@@ -310,7 +323,10 @@ class DiLoCoStrategy(DDPStrategy):
         buffers = {}
         if fragment == self.num_fragments - 1:  # the last fragment also carries the float buffers
             buffers = {n: b.detach().to(device, torch.float32, copy=True) for n, b in float_buffers(module)}
-        sync = _Sync(fragment, self.step, self.step, deltas, buffers, self._exchange_weights(deltas))
+        started = time.perf_counter()
+        weights = self._exchange_weights(deltas)
+        sync = _Sync(fragment, self.step, self.step, deltas, buffers, weights, started=started)
+        sync.exchange_seconds = time.perf_counter() - started
         overlap = self.overlap_steps > 0 if overlap is None else overlap
         if overlap:  # 2., in the background
             assert self._executor is not None
@@ -334,6 +350,8 @@ class DiLoCoStrategy(DDPStrategy):
         )
         if sync.buffers:
             values = list(sync.buffers.values())
+            if self.topology.intra_sync is not None:
+                _share_first_process_buffers(values, self.topology)
             if weight == 0:
                 for b in values:
                     b.zero_()
@@ -427,9 +445,10 @@ class DiLoCoStrategy(DDPStrategy):
     def _sync_failed(self, sync: Optional[_Sync], err: BaseException) -> OuterSyncError:
         what = f"fragment {sync.fragment} started at optimizer step {sync.step}" if sync else f"step {self.step}"
         outer = self.outer.outer_step + 1 if self.outer else 0
+        timeout = f"sync_timeout={self.sync_timeout}s" if self.sync_timeout is not None else "no sync_timeout set"
         return OuterSyncError(
             f"Outer step {outer} ({what}) failed while waiting for other workers: a peer is dead, stalled or"
-            f" unreachable (sync_timeout={self.sync_timeout}s). Restart from the last checkpoint (torchrun"
+            f" unreachable ({timeout}). Restart from the last checkpoint (torchrun"
             f" --max-restarts does it by itself). Cause: {err}"
         )
 
@@ -453,6 +472,7 @@ class DiLoCoStrategy(DDPStrategy):
             "diloco/pseudo_grad_norm": math.sqrt(sum(float(d.double().square().sum()) for d in sync.deltas)),
             "diloco/sync_seconds": time.perf_counter() - sync.started,
             "diloco/blocked_seconds": blocked,
+            "diloco/exchange_seconds": sync.exchange_seconds,
             "diloco/comm_seconds": stats.seconds,
             "diloco/bytes_sent": float(stats.bytes_sent),
             "diloco/healthy_workers": float(healthy),
@@ -474,7 +494,12 @@ class DiLoCoStrategy(DDPStrategy):
     def flush(self) -> None:
         """Apply every sync in flight and close every fragment's open round, so all workers hold the global weights."""
         while self._pending:
-            self._apply(self._pending.popleft())
+            sync = self._pending.popleft()
+            if sync.step == self.step:
+                # no inner step since it started: its pseudo-gradient holds all the local progress, so it lands
+                # whole (without mixing), as no later sync of this fragment will carry what mixing would keep
+                sync.apply_at = sync.step
+            self._apply(sync)
         for fragment in range(self.num_fragments):
             if self.step > self.last_sync[fragment]:
                 self.outer_step(fragment, overlap=False)
@@ -688,6 +713,21 @@ class DiLoCoStrategy(DDPStrategy):
                 description=f"DiLoCo strategy with `start_method` '{start_method}'",
                 start_method=start_method,
             )
+
+
+def _share_first_process_buffers(buffers: list[Tensor], topology: Topology) -> None:
+    """Give every process of a worker the buffers of the worker's first process, in place.
+
+    The processes of a worker hold identical parameters but not identical buffers: each updated its BatchNorm
+    statistics with its own micro-batches, and DistributedDataParallel keeps the first process's (it broadcasts them
+    before every forward). The sliced outer sync takes slice ``j`` from process ``j``, so it needs them identical.
+    """
+    flat = torch.cat([b.reshape(-1) for b in buffers])
+    dist.broadcast(flat, src=topology.worker * topology.processes_per_worker, group=topology.intra_sync)
+    offset = 0
+    for b in buffers:
+        b.copy_(flat[offset : offset + b.numel()].view_as(b))
+        offset += b.numel()
 
 
 def _no_collective_per_step(trainer: "pl.Trainer") -> None:
