@@ -145,7 +145,10 @@ class OuterState:
     def module_state_dict(self, module: Module) -> dict[str, Any]:
         """``module.state_dict()`` with the global parameters and buffers in place of the local ones."""
         state = module.state_dict()
-        named = dict(zip(self.names, self.params))
+        # every name of every parameter: a tied parameter (an output layer sharing the embedding matrix) appears in
+        # `state_dict` under each of its names but only once in `parameters()`; all its names get the global value
+        index = {id(p): i for i, p in enumerate(module.parameters())}
+        named = {name: self.params[index[id(p)]] for name, p in module.named_parameters(remove_duplicate=False)}
         for key in state:
             source: Optional[Tensor] = named.get(key, self.buffers.get(key))
             if source is not None:

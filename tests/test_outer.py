@@ -64,3 +64,25 @@ def test_state_dict_round_trip_and_model_mismatch():
     other = OuterState(nn.Sequential(nn.Linear(4, 5)), default_outer_optimizer(), "cpu")
     with pytest.raises(ValueError, match="written for a different model"):
         other.load_state_dict(outer.state_dict())
+
+
+def test_module_state_dict_gives_tied_parameters_their_global_value():
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(5, 3)
+            self.head = nn.Linear(3, 5, bias=False)
+            self.head.weight = self.embed.weight  # listed once by parameters(), twice by state_dict()
+
+    torch.manual_seed(0)
+    model = Tied()
+    outer = OuterState(model, default_outer_optimizer(), "cpu")
+    global_weight = outer.params[0].detach().clone()
+    with torch.no_grad():
+        model.embed.weight.add_(1.0)  # the local replica drifts
+    state = outer.module_state_dict(model)
+    torch.testing.assert_close(state["embed.weight"], global_weight)
+    torch.testing.assert_close(state["head.weight"], global_weight)
+    fresh = Tied()
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh.embed.weight.detach(), global_weight)
