@@ -323,18 +323,27 @@ class DiLoCoStrategy(DDPStrategy):
         buffers = {}
         if fragment == self.num_fragments - 1:  # the last fragment also carries the float buffers
             buffers = {n: b.detach().to(device, torch.float32, copy=True) for n, b in float_buffers(module)}
-        started = time.perf_counter()
-        weights = self._exchange_weights(deltas)
-        sync = _Sync(fragment, self.step, self.step, deltas, buffers, weights, started=started)
-        sync.exchange_seconds = time.perf_counter() - started
+        mine = self._health_row(deltas)  # read here: the step counters move on while a sync is in flight
+        sync = _Sync(fragment, self.step, self.step, deltas, buffers, [])
         overlap = self.overlap_steps > 0 if overlap is None else overlap
-        if overlap:  # 2., in the background
+        if overlap:  # 2., in the background, the exchange of weights included: nothing waits on this thread
             assert self._executor is not None
             sync.apply_at = self.step + self.overlap_steps
-            sync.future = self._executor.submit(self._average, sync)
+            sync.future = self._executor.submit(self._exchange_and_average, sync, mine)
             self._pending.append(sync)
         else:
+            self._exchange(sync, mine)
             self._apply(sync)
+
+    def _exchange(self, sync: _Sync, mine: Tensor) -> None:
+        started = time.perf_counter()
+        sync.weights = self._exchange_weights(mine, sync.step)
+        sync.exchange_seconds = time.perf_counter() - started
+
+    def _exchange_and_average(self, sync: _Sync, mine: Tensor) -> CommStats:
+        """The background part of an overlapped sync: the exchange of weights, then the mean."""
+        self._exchange(sync, mine)
+        return self._average(sync)
 
     def _average(self, sync: _Sync) -> CommStats:
         """Replace ``sync.deltas`` and ``sync.buffers`` by their weighted means over the workers."""
@@ -373,6 +382,8 @@ class DiLoCoStrategy(DDPStrategy):
                 sync.future.result()
             elif sync.stats is None:
                 self._average(sync)
+        except OuterSyncError:
+            raise
         except RuntimeError as err:
             raise self._sync_failed(sync, err) from err
         stats = sync.stats
@@ -393,13 +404,17 @@ class DiLoCoStrategy(DDPStrategy):
             self._next_round_budget(sync)
         self._log_outer_step(sync, stats, blocked, healthy)
 
-    def _exchange_weights(self, deltas: list[Tensor]) -> list[float]:
-        """Every worker's weight in this outer step's mean: 0 if its pseudo-gradient is not finite, else 1 (or, with
-        ``speed_weighted``, the steps it computed this round). Also shares the measured speeds."""
+    def _health_row(self, deltas: list[Tensor]) -> Tensor:
+        """This worker's row of the exchange: its weight (0 if its pseudo-gradient is not finite, else 1, or with
+        ``speed_weighted`` the steps it computed this round) and its measured seconds per step."""
         finite = all(bool(torch.isfinite(d).all()) for d in deltas)
         work = float(self._computed) if self.speed_weighted else 1.0
         seconds_per_step = self._compute_seconds / max(self._computed, 1)
-        mine = torch.tensor([work if finite else 0.0, seconds_per_step], dtype=torch.float64)
+        return torch.tensor([work if finite else 0.0, seconds_per_step], dtype=torch.float64)
+
+    def _exchange_weights(self, mine: Tensor, step: int) -> list[float]:
+        """Every worker's weight in the mean of the outer step started at optimizer ``step`` (rows of
+        :meth:`_health_row`). Also shares the measured speeds. Runs on the sync thread for overlapped syncs."""
         topology = self.topology
         if topology is None or topology.control is None or topology.world_size == 1:
             table = mine[None]
@@ -417,7 +432,7 @@ class DiLoCoStrategy(DDPStrategy):
         unhealthy = [w for w, value in enumerate(weights) if value == 0]
         if unhealthy:
             message = (
-                f"The pseudo-gradient of worker(s) {unhealthy} is not finite (NaN or inf) at optimizer step {self.step}."
+                f"The pseudo-gradient of worker(s) {unhealthy} is not finite (NaN or inf) at optimizer step {step}."
             )
             if self.nonfinite == "raise" or len(unhealthy) == len(weights):
                 raise OuterSyncError(
@@ -584,6 +599,8 @@ class DiLoCoStrategy(DDPStrategy):
         if sync.future is not None:
             try:
                 sync.future.result()
+            except OuterSyncError:
+                raise
             except RuntimeError as err:
                 raise self._sync_failed(sync, err) from err
             sync.future = None
@@ -681,14 +698,16 @@ class DiLoCoStrategy(DDPStrategy):
             self.outer.step(sync.deltas, self.fragments[sync.fragment])
             if sync.buffers:
                 self.outer.set_buffers(sync.buffers)
+            self.last_sync[sync.fragment] = sync.step
         names = self.outer.names
         device = self.outer.device
         means = [
             torch.stack([g.detach() - w["module"][n].to(device, g.dtype) for w in saved_workers]).mean(dim=0)
             for n, g in zip(names, self.outer.params)
         ]
-        if self.step > min(self.last_sync):
-            self.outer.step(means)
+        for fragment, indices in enumerate(self.fragments):
+            if self.step > self.last_sync[fragment]:  # a fragment without a step since its last sync has no open round
+                self.outer.step([means[i] for i in indices], indices)
         for name in self.outer.buffers:
             self.outer.buffers[name].copy_(
                 torch.stack([w["module"][name].to(device, torch.float32) for w in saved_workers]).mean(dim=0)
