@@ -1,10 +1,40 @@
-"""An independent one-process simulation of k DiLoCo workers, written from the paper's Algorithm 1.
+"""An independent one-process simulation of k DiLoCo workers, written from the papers.
 
-It shares nothing with the package: it keeps k replicas in one process, steps them on the batches each worker saw,
-and applies the outer Nesterov update by its formula. Tests compare the strategy's real multi-process runs with it.
+DiLoCo (Douillard et al. 2023, Algorithm 1): every worker takes H inner steps from the global weights, the mean of
+the pseudo-gradients ``global - local`` steps the global weights with Nesterov momentum, and every worker continues
+from them. Streaming DiLoCo (Douillard et al. 2025) adds fragments that sync at staggered steps, syncs whose outer
+update lands ``tau`` steps after they start and is mixed into the local weights, and compressed pseudo-gradients.
+
+It shares no code with the strategy: it keeps k replicas in one process, steps them on the batches each worker saw,
+and applies every outer update by its formula. Only the codec of a compressed sync comes from
+``lightning_diloco.compression`` (the wire format is what is compressed, and that module has its own tests). Tests
+compare the strategy's real multi-process runs with it.
+
+The rules it follows, with ``t`` counting optimizer steps from 1:
+
+- Fragment ``p`` of ``F`` (a given list of parameter indices) starts a sync after step ``t`` when
+  ``(t - offset_p) mod H == 0`` with ``offset_p = ((p + 1) * H // F) mod H``; the floating-point buffers travel with
+  the last fragment.
+- A sync takes each worker's pseudo-gradient ``global_p - local_p`` at its start. A worker whose pseudo-gradient is
+  not finite gets weight 0; the others weight 1, or the steps they computed since the last sync (speed-weighted).
+  Each worker's contribution ``weight * pseudo-gradient`` (plus its residual with error feedback) goes through the
+  codec; the decoded contributions are summed in fp32 in worker order and divided by the total weight.
+- The sync lands after step ``t + tau``: the outer Nesterov step moves ``global_p`` with that mean, the buffers become
+  the healthy workers' mean, and each worker mixes ``local_p = alpha * local_p + (1 - alpha) * global_p`` (with
+  ``tau = 0``, or for a worker that was dropped, ``alpha = 0``: it takes the global weights, and a dropped worker
+  also loses its inner optimizer state). Syncs landing at a step are applied before the syncs due at that step start.
+- Updates that scale and add (the outer step, mixing) use ``torch.add(..., alpha=...)``, which rounds as torch's own
+  SGD does, and the simulation runs on one thread like every worker of the tests: on CPU it then matches the runs
+  bit for bit, which compressed syncs need (a rounding difference can flip a quantization level).
+- At the end (``final_sync``) the syncs in flight land, a sync that started at the very last step without mixing
+  (no inner step happened since it started, so its pseudo-gradient holds all the local progress), and then every
+  fragment with steps since the start of its last sync has a blocking sync, so every worker ends on the global
+  weights.
 """
 
+import copy
 from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -13,13 +43,66 @@ from toy import ToyData, build_net, flat, make_optimizer
 
 
 @dataclass
+class StartState:
+    """Where a resumed simulation starts: every worker on the global weights, after optimizer step ``step``.
+
+    Attributes:
+        step: the optimizer steps already taken.
+        params: the global parameters, in ``module.parameters()`` order.
+        buffers: the global floating-point buffers, in ``module.buffers()`` order.
+        momentum: the outer momentum buffer of every parameter (``None`` where the outer optimizer has none yet).
+        optimizer_states: every worker's inner optimizer ``state_dict``.
+        last_sync: the step at which every fragment's last sync started; ``step`` for all by default.
+
+    """
+
+    step: int
+    params: list[Tensor]
+    buffers: list[Tensor]
+    momentum: list[Optional[Tensor]]
+    optimizer_states: list[dict[str, Any]]
+    last_sync: Optional[list[int]] = None
+
+
+@dataclass
 class Simulation:
-    """What the simulated workers held: ``local[i][b]`` after batch b, ``global_at[s]`` after optimizer step s."""
+    """What the simulated workers held.
+
+    Attributes:
+        local: ``local[i][b]``, worker i's flat parameters after its batch b.
+        global_at: the flat global parameters after optimizer step s.
+        final: worker 0's ``state_dict`` at the end, keys as in ``ToyModule`` (``net.`` prefix).
+        syncs: the step at which every sync started, in order.
+        landed: ``(fragment, started, landed)`` of every sync whose outer update was applied, in order.
+        dropped: ``(started, workers)`` of every sync that dropped workers with a non-finite pseudo-gradient.
+        global_buffers: the global floating-point buffers at the end.
+        residuals: with error feedback, every worker's residual per parameter index at the end.
+
+    """
 
     local: list[list[Tensor]] = field(default_factory=list)
     global_at: dict[int, Tensor] = field(default_factory=dict)
     final: dict[str, Tensor] = field(default_factory=dict)
     syncs: list[int] = field(default_factory=list)
+    landed: list[tuple[int, int, int]] = field(default_factory=list)
+    dropped: list[tuple[int, list[int]]] = field(default_factory=list)
+    global_buffers: list[Tensor] = field(default_factory=list)
+    residuals: list[dict[int, Tensor]] = field(default_factory=list)
+
+
+@dataclass
+class _InFlight:
+    fragment: int
+    started: int
+    lands: int
+    mean: list[Tensor]
+    buffers: Optional[list[Tensor]]
+    healthy: list[bool]
+
+
+def sync_offset(fragment: int, num_fragments: int, inner_steps: int) -> int:
+    """The step, modulo H, after which ``fragment`` starts its syncs (Streaming DiLoCo's staggered schedule)."""
+    return ((fragment + 1) * inner_steps // num_fragments) % inner_steps
 
 
 def simulate(
@@ -33,6 +116,16 @@ def simulate(
     lr: float = 0.05,
     accumulate: int = 1,
     final_sync: bool = True,
+    *,
+    fragments: Optional[list[list[int]]] = None,
+    overlap: int = 0,
+    mixing: float = 0.5,
+    compression: str = "none",
+    error_feedback: bool = False,
+    poison: Optional[dict[int, int]] = None,
+    computed: Optional[list[list[int]]] = None,
+    num_steps: Optional[int] = None,
+    start: Optional[StartState] = None,
 ) -> Simulation:
     """Replay ``indices[worker][batch]`` through k replicas that start from ``build_net(init_seed)``.
 
@@ -46,56 +139,295 @@ def simulate(
         optimizer: the inner optimizer's kind (see ``toy.make_optimizer``).
         lr: the inner learning rate.
         accumulate: micro-batches per optimizer step; the loss is divided by it, as Lightning does.
-        final_sync: whether an outer step closes a last, incomplete round.
+        final_sync: whether the end of training lands the syncs in flight and closes every open round.
+        fragments: a partition of the parameter indices into F fragments; one fragment of all parameters by default.
+        overlap: tau, the optimizer steps between a sync's start and its outer update.
+        mixing: alpha, the share of its local weights a worker keeps when an overlapped sync lands.
+        compression: the codec every worker's contribution goes through (a name of
+            ``lightning_diloco.compression``).
+        error_feedback: carry each worker's compression residual into its next contribution to the same tensor.
+        poison: ``{worker: step}``: set one weight of that worker to NaN after that step (as ``TOY_NAN`` does).
+        computed: per worker, the steps it computed; at the other steps it takes an optimizer step without a
+            gradient. Pseudo-gradients are then weighted by the steps computed since the last sync. ``indices``
+            then lists only the batches of computed steps.
+        num_steps: the optimizer steps to run; ``len(indices[0]) // accumulate`` by default.
+        start: resume from this state instead of ``build_net(init_seed)`` with a fresh outer optimizer.
 
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as every worker of the tests: the same reduction order, so the same roundings
+    try:
+        return _simulate(indices, init_seed, inner_steps, outer_lr, outer_momentum, nesterov, optimizer, lr,
+                         accumulate, final_sync, fragments, overlap, mixing, compression, error_feedback, poison,
+                         computed, num_steps, start)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _simulate(
+    indices: list[list[list[int]]],
+    init_seed: int,
+    inner_steps: int,
+    outer_lr: float,
+    outer_momentum: float,
+    nesterov: bool,
+    optimizer: str,
+    lr: float,
+    accumulate: int,
+    final_sync: bool,
+    fragments: Optional[list[list[int]]],
+    overlap: int,
+    mixing: float,
+    compression: str,
+    error_feedback: bool,
+    poison: Optional[dict[int, int]],
+    computed: Optional[list[list[int]]],
+    num_steps: Optional[int],
+    start: Optional[StartState],
+) -> Simulation:
     data = ToyData()
     k = len(indices)
     nets = [build_net(init_seed) for _ in range(k)]
     opts = [make_optimizer(n.parameters(), optimizer, lr) for n in nets]
-    global_params = [p.detach().clone() for p in nets[0].parameters()]
-    global_buffers = [b.detach().clone() for b in nets[0].buffers() if b.is_floating_point()]
-    momentum = [torch.zeros_like(p) for p in global_params]
-    sim = Simulation(local=[[] for _ in range(k)])
-    steps = since_sync = 0
+    params = [list(n.parameters()) for n in nets]
+    buffers = [[b for b in n.buffers() if b.is_floating_point()] for n in nets]
+    n_params = len(params[0])
+    fragments = fragments if fragments is not None else [list(range(n_params))]
+    num_fragments = len(fragments)
+    assert sorted(i for f in fragments for i in f) == list(range(n_params)), "fragments must partition the params"
+    offsets = [sync_offset(p, num_fragments, inner_steps) for p in range(num_fragments)]
+    codec = _codec(compression)
 
-    def outer_step() -> None:
-        for j, g in enumerate(global_params):
-            delta = sum(g - list(n.parameters())[j].detach() for n in nets) / k
-            momentum[j] = outer_momentum * momentum[j] + delta
-            update = delta + outer_momentum * momentum[j] if nesterov else momentum[j]
-            g -= outer_lr * update
-        for j, b in enumerate(global_buffers):
-            b.copy_(sum([b_.detach() for b_ in n.buffers() if b_.is_floating_point()][j] for n in nets) / k)
-        with torch.no_grad():
-            for n in nets:
-                for p, g in zip(n.parameters(), global_params):
-                    p.copy_(g)
-                for b, g in zip([b for b in n.buffers() if b.is_floating_point()], global_buffers):
-                    b.copy_(g)
-        sim.syncs.append(steps)
+    step = 0
+    global_params = [p.detach().clone() for p in params[0]]
+    global_buffers = [b.detach().clone() for b in buffers[0]]
+    momentum: list[Optional[Tensor]] = [None] * n_params
+    last_sync = [0] * num_fragments
+    if start is not None:
+        step = start.step
+        global_params = [t.detach().clone().float() for t in start.params]
+        global_buffers = [t.detach().clone().float() for t in start.buffers]
+        momentum = [None if m is None else m.detach().clone() for m in start.momentum]
+        last_sync = list(start.last_sync) if start.last_sync is not None else [step] * num_fragments
+        for i in range(k):  # a copy each: loading keeps the given tensors, which the steps then change in place
+            opts[i].load_state_dict(copy.deepcopy(start.optimizer_states[i]))
+    with torch.no_grad():
+        for i in range(k):
+            for p, g in zip(params[i], global_params):
+                p.copy_(g)
+            for b, g in zip(buffers[i], global_buffers):
+                b.copy_(g)
 
-    n_batches = len(indices[0])
-    sim.global_at[0] = torch.cat([g.reshape(-1) for g in global_params])
-    for b in range(n_batches):
+    sim = Simulation(local=[[] for _ in range(k)], residuals=[{} for _ in range(k)])
+    computed_sets = [set(c) for c in computed] if computed is not None else None
+    computed_since = [0] * k
+    in_flight: list[_InFlight] = []
+    cursor = [0] * k
+    total_steps = num_steps if num_steps is not None else len(indices[0]) // accumulate
+    poison = poison or {}
+
+    @torch.no_grad()
+    def begin(p: int, started: int) -> _InFlight:
+        """A sync of fragment ``p``: every worker's pseudo-gradient, weighted, through the codec, averaged."""
+        deltas = [[global_params[j] - params[i][j].detach() for j in fragments[p]] for i in range(k)]
+        healthy = [all(bool(torch.isfinite(d).all()) for d in deltas[i]) for i in range(k)]
+        weights = [0.0 if not healthy[i] else float(computed_since[i]) if computed is not None else 1.0
+                   for i in range(k)]
+        dropped = [i for i in range(k) if not healthy[i]]
+        if dropped:
+            sim.dropped.append((started, dropped))
+        mean = []
+        for pos, j in enumerate(fragments[p]):
+            total: Optional[Tensor] = None
+            for i in range(k):
+                decoded = _through_codec(codec, deltas[i][pos], weights[i], sim.residuals[i], j, error_feedback)
+                total = decoded if total is None else total + decoded
+            assert total is not None
+            mean.append(total / max(sum(weights), 1e-12))
+        mean_buffers = None
+        if p == num_fragments - 1 and global_buffers:
+            n_healthy = sum(healthy)
+            mean_buffers = []
+            for j in range(len(global_buffers)):
+                total = None
+                for i in range(k):
+                    value = buffers[i][j].detach().float() if healthy[i] else torch.zeros_like(global_buffers[j])
+                    total = value.clone() if total is None else total + value
+                mean_buffers.append(total / max(n_healthy, 1))
+        sim.syncs.append(started)
+        return _InFlight(p, started, started + overlap, mean, mean_buffers, healthy)
+
+    @torch.no_grad()
+    def land(sync: _InFlight, now: int, alpha: float) -> None:
+        """The outer Nesterov step of the fragment, then every worker moves (or mixes) to the global weights."""
+        if any(sync.healthy):
+            for pos, j in enumerate(fragments[sync.fragment]):
+                grad = sync.mean[pos]
+                momentum[j] = grad.clone() if momentum[j] is None else outer_momentum * momentum[j] + grad
+                update = torch.add(grad, momentum[j], alpha=outer_momentum) if nesterov else momentum[j]
+                global_params[j] = torch.add(global_params[j], update, alpha=-outer_lr)
+        if sync.buffers is not None:
+            for j, value in enumerate(sync.buffers):
+                global_buffers[j] = value.clone()
         for i in range(k):
-            idx = torch.tensor(indices[i][b])
-            x, y = data.x[idx], data.y[idx]
-            loss = nn.functional.mse_loss(nets[i](x), y) / accumulate
-            loss.backward()
-        if (b + 1) % accumulate == 0:
-            for opt in opts:
-                opt.step()
-                opt.zero_grad()
-            steps += 1
-            since_sync += 1
-            if since_sync == inner_steps:
-                outer_step()
-                since_sync = 0
-            sim.global_at[steps] = torch.cat([g.reshape(-1) for g in global_params])
-        for i in range(k):
-            sim.local[i].append(flat(nets[i]))
-    if final_sync and since_sync:
-        outer_step()
+            a = alpha if sync.healthy[i] else 0.0
+            for j in fragments[sync.fragment]:
+                params[i][j].copy_(_mixed(params[i][j], global_params[j], a))
+            if sync.buffers is not None:
+                for b, g in zip(buffers[i], global_buffers):
+                    b.copy_(_mixed(b, g, a))
+            if not sync.healthy[i]:
+                opts[i].state.clear()
+        last_sync[sync.fragment] = sync.started
+        if sync.fragment == num_fragments - 1:
+            for i in range(k):
+                computed_since[i] = 0
+        sim.landed.append((sync.fragment, sync.started, now))
+
+    def after_step(t: int) -> None:
+        while in_flight and in_flight[0].lands <= t:
+            land(in_flight.pop(0), t, mixing if overlap else 0.0)
+        for p in range(num_fragments):
+            if (t - offsets[p]) % inner_steps == 0:
+                sync = begin(p, t)
+                if overlap:
+                    in_flight.append(sync)
+                else:
+                    land(sync, t, 0.0)
+        if t in poison.values():
+            with torch.no_grad():
+                for i, at in poison.items():
+                    if at == t:
+                        params[i][0][0, 0] = float("nan")  # net[0].weight[0, 0], as tests/toy.py does
+
+    sim.global_at[step] = _cat(global_params)
+    for t in range(step + 1, step + total_steps + 1):
+        active = [computed_sets is None or t in computed_sets[i] for i in range(k)]
+        for micro in range(accumulate):
+            for i in range(k):
+                if not active[i]:
+                    continue
+                idx = torch.tensor(indices[i][cursor[i]])
+                cursor[i] += 1
+                x, y = data.x[idx], data.y[idx]
+                loss = nn.functional.mse_loss(nets[i](x), y) / accumulate
+                loss.backward()
+            if micro == accumulate - 1:
+                for i in range(k):
+                    opts[i].step()  # without a gradient (a step that was not computed) nothing moves
+                    opts[i].zero_grad()
+                    computed_since[i] += int(active[i])
+                after_step(t)
+                sim.global_at[t] = _cat(global_params)
+            for i in range(k):
+                sim.local[i].append(flat(nets[i]))
+    end = step + total_steps
+    if final_sync:
+        while in_flight:
+            sync = in_flight.pop(0)
+            land(sync, end, mixing if overlap and sync.started < end else 0.0)
+        for p in range(num_fragments):
+            if end > last_sync[p]:
+                land(begin(p, end), end, 0.0)
     sim.final = {f"net.{key}": v.detach().clone() for key, v in nets[0].state_dict().items()}
+    sim.global_buffers = [b.clone() for b in global_buffers]
     return sim
+
+
+def nesterov_step(
+    params: list[Tensor], mean: list[Tensor], momentum: list[Optional[Tensor]], lr: float, mu: float
+) -> tuple[list[Tensor], list[Tensor]]:
+    """One outer SGD step with Nesterov momentum: ``m = mu m + g``, ``p = p - lr (g + mu m)``; new params and momenta.
+
+    Args:
+        params: the global parameters.
+        mean: their gradient (the mean pseudo-gradient).
+        momentum: the momentum buffers (``None`` where there is none yet, which starts it at ``g``).
+        lr: the outer learning rate.
+        mu: the outer momentum.
+
+    """
+    new_momentum = [g.clone() if m is None else mu * m + g for g, m in zip(mean, momentum)]
+    new_params = [torch.add(p, torch.add(g, m, alpha=mu), alpha=-lr) for p, g, m in zip(params, mean, new_momentum)]
+    return new_params, new_momentum
+
+
+def closed_round(
+    state: dict[str, Any],
+    num_workers: int,
+    fragments: Optional[list[list[int]]] = None,
+    outer_lr: float = 0.7,
+    outer_momentum: float = 0.9,
+) -> tuple[StartState, dict[str, Tensor]]:
+    """What resuming a checkpoint's DiLoCo ``state`` on ``num_workers`` workers starts from, from its contents alone.
+
+    The saved workers' open rounds are closed as if they had all synced: every fragment with steps since its last
+    sync takes one outer Nesterov step (with the saved momentum) with the mean over the saved workers of
+    ``global - local``; the other fragments keep their global weights; the floating-point buffers become the saved
+    workers' mean. Every worker starts from the result, and worker ``w`` with the inner optimizer state of saved
+    worker ``w mod k``.
+
+    Args:
+        state: the checkpoint's ``"diloco"`` entry (without syncs in flight).
+        num_workers: the workers of the resumed run.
+        fragments: the parameter indices of every fragment; one fragment of all parameters by default.
+        outer_lr: the outer learning rate.
+        outer_momentum: the outer (Nesterov) momentum.
+
+    Returns:
+        The reference's start state, and the expected ``state_dict`` entries (parameters and float buffers).
+
+    """
+    assert not state["pending"], "closing a round with syncs in flight is not modelled here"
+    outer, workers = state["outer"], state["workers"]
+    names, params = outer["names"], [p.detach().clone() for p in outer["params"]]
+    momentum = [outer["optimizer"]["state"].get(j, {}).get("momentum_buffer") for j in range(len(names))]
+    fragments = fragments if fragments is not None else [list(range(len(names)))]
+    for p, indices in enumerate(fragments):
+        if state["step"] <= state["last_sync"][p]:
+            continue
+        mean = [torch.stack([params[j] - w["module"][names[j]].float() for w in workers]).mean(dim=0) for j in indices]
+        stepped, moved = nesterov_step([params[j] for j in indices], mean, [momentum[j] for j in indices], outer_lr,
+                                       outer_momentum)
+        for j, value, m in zip(indices, stepped, moved):
+            params[j], momentum[j] = value, m
+    buffers = {n: torch.stack([w["module"][n].float() for w in workers]).mean(dim=0) for n in outer["buffers"]}
+    expected = {**dict(zip(names, params)), **buffers}
+    optimizer_states = [workers[w % len(workers)]["optimizer_states"][0] for w in range(num_workers)]
+    start = StartState(state["step"], params, list(buffers.values()), momentum, optimizer_states)
+    return start, expected
+
+
+def _codec(name: str) -> Any:
+    if name == "none":
+        return None
+    from lightning_diloco.compression import get_compressor
+
+    return get_compressor(name)
+
+
+def _through_codec(
+    codec: Any, delta: Tensor, weight: float, residuals: dict[int, Tensor], key: int, error_feedback: bool
+) -> Tensor:
+    """One worker's contribution ``weight * delta`` as the receivers decode it (exact zeros for weight 0)."""
+    if weight == 0:
+        return torch.zeros_like(delta, dtype=torch.float32)
+    contribution = (delta.float() * weight if weight != 1 else delta.float().clone()).reshape(-1)
+    if codec is None:
+        return contribution.view_as(delta)
+    if error_feedback and key in residuals:
+        contribution = contribution + residuals[key]
+    decoded = codec.decode(codec.encode(contribution), contribution.numel())
+    if error_feedback:
+        residuals[key] = contribution - decoded
+    return decoded.view_as(delta)
+
+
+def _mixed(local: Tensor, global_: Tensor, alpha: float) -> Tensor:
+    if alpha == 0.0:
+        return global_.to(local.dtype).clone()
+    return torch.add(alpha * local.detach(), global_.to(local.dtype), alpha=1.0 - alpha)
+
+
+def _cat(tensors: list[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])

@@ -1,5 +1,6 @@
 """A tiny deterministic model and dataset shared by the strategy tests, their worker script and the reference."""
 
+import copy
 import os
 import time
 from typing import Any, Optional
@@ -73,6 +74,11 @@ class ToyModule(L.LightningModule):
                 opt.step()
                 opt.zero_grad()
         return loss
+
+    def on_train_start(self) -> None:
+        # what every worker starts from, after any checkpoint was restored
+        self.record["start"] = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        self.record["start_optimizer"] = copy.deepcopy(self.trainer.optimizers[0].state_dict())
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         _inject_faults(self, "batch_end")

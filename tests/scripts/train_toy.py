@@ -95,6 +95,7 @@ def main() -> None:
     record["init"] = model.init_flat
     record["final"] = {k: v.clone() for k, v in model.state_dict().items()}
     record["warnings"] = [str(w.message) for w in caught]
+    record["fragments"] = getattr(trainer.strategy, "fragments", None)
     os.makedirs(args.out, exist_ok=True)
     torch.save(record, os.path.join(args.out, f"rank{trainer.global_rank}.pt"))
 
