@@ -1,0 +1,98 @@
+"""Smoke tests of the benchmarks: bytes.py's measured bytes against the formula, and the slow-link relay's delay."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+from _common import NOMINAL_BITS, exact_sync_bytes, ring_bytes, window  # noqa: E402
+from bytes import meta_numels  # noqa: E402
+from netlink_relay import DelayRelay  # noqa: E402
+
+from lightning_diloco.compression import COMPRESSOR_NAMES, get_compressor  # noqa: E402
+
+
+@pytest.mark.parametrize("k", [2, 3, 8])
+@pytest.mark.parametrize("name", COMPRESSOR_NAMES)
+def test_exact_bytes_are_the_ring_formula_plus_scales(name, k):
+    """What a sync moves is 2(k-1)/k * P * bits/8, plus at most the block scales and the alignment padding."""
+    numels = meta_numels("150m")
+    ideal = ring_bytes(sum(numels), NOMINAL_BITS[name], k)
+    exact = exact_sync_bytes(numels, name, k)
+    overhead = get_compressor(name).bits_per_element / NOMINAL_BITS[name]  # scales: 32 bits per block
+    assert ideal - 8 <= exact <= ideal * overhead * 1.001  # (an fp32 all-reduce's bytes are rounded down per bucket)
+
+
+def test_bytes_benchmark_measures_the_formula(tmp_path):
+    """bytes.py on 2 real processes: DiLoCo's bytes_sent and DDP's bucket bytes equal the formulas."""
+    report_file = tmp_path / "bytes.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bytes.py"), "--measure-k", "2", "--compressions", "none", "int8",
+         "--fragments", "1", "2", "--inner-steps", "2", "--steps", "4", "--json", str(report_file)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "| tiny  | 2 | DiLoCo int8 |" in proc.stdout
+    report = json.loads(report_file.read_text())
+    assert report["measured_equals_exact"]
+    params = report["models"]["tiny"]
+    rows = {(r["model"], r["k"], r["method"]): r for r in report["rows"]}
+    ddp = rows[("tiny", 2, "DDP")]
+    assert ddp["measured_per_sync"] == pytest.approx(4 * params)  # k = 2: 2(k-1)/k = 1, fp32
+    none = rows[("tiny", 2, "DiLoCo none")]
+    assert none["measured_per_sync"] == 4 * params
+    assert none["measured_per_step_H500"] == pytest.approx(4 * params / 500)
+    int8 = rows[("tiny", 2, "DiLoCo int8")]
+    assert 1.0 < int8["measured_over_formula"] < 1.02  # one fp32 scale per 256 int8 values, and padding
+    peaks = {f["F"]: f["measured_peak"] for f in report["fragments"] if f["model"] == "tiny" and f["k"] == 2}
+    assert peaks[1] == 4 * params
+    assert peaks[2] < 0.6 * peaks[1]
+
+
+def test_relay_delays_each_direction_in_order():
+    """The slow link's relay holds every datagram for the delay and keeps their order (no TUN needed)."""
+    a_outer, a_inner = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    b_outer, b_inner = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    for s in (a_inner, b_inner):
+        s.setblocking(False)
+    relay = DelayRelay(a_inner.fileno(), b_inner.fileno(), delay=0.05)
+    thread = threading.Thread(target=relay.run, kwargs={"until": time.monotonic() + 1.0})
+    thread.start()
+    sent = time.monotonic()
+    for i in range(5):
+        a_outer.send(b"a%d" % i)
+    b_outer.send(b"b0")
+    b_outer.settimeout(2)
+    a_outer.settimeout(2)
+    received = [b_outer.recv(100) for _ in range(5)]
+    arrived = time.monotonic()
+    assert a_outer.recv(100) == b"b0"
+    thread.join()
+    assert received == [b"a%d" % i for i in range(5)]
+    assert arrived - sent >= 0.05
+    assert relay.packets == [1, 5] and relay.dropped == 0
+    for s in (a_outer, a_inner, b_outer, b_inner):
+        s.close()
+
+
+def test_window_counts_whole_rounds():
+    result = {
+        "times": [1.0, 2.0, 3.0, 5.0], "tokens_per_step": 10, "main_collectives": [0, 0, 2, 2],
+        "outer_seconds": [0, 0, 0.5, 0.5], "exchange_seconds": [0, 0, 0.1, 0.1], "thread_cpu": [0, 1, 2, 3],
+        "process_cpu": [0, 1, 2, 3], "run_delay": [0, 0, 0, 0], "outer_records": [0, 0, 1, 1], "outer": [{"step": 3}, {"step": 4}],
+    }
+    w = window(result, 2, 4)
+    assert w["steps"] == 2 and w["seconds"] == 3.0
+    assert w["tokens_per_second"] == pytest.approx(20 / 3)
+    assert w["main_collectives_per_step"] == 1 and w["outer_seconds"] == 0.5
+    assert w["outer"] == [{"step": 3}]  # the second record came after the last batch: the end-of-fit flush
