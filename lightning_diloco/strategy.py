@@ -14,8 +14,11 @@ import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import _StrategyRegistry
+from lightning.fabric.utilities.distributed import _init_dist_connection
 from lightning.fabric.utilities.optimizer import _optimizer_to_device
+from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.overrides.distributed import _sync_module_states
+from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -27,8 +30,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_diloco.checkpoint_io import AtomicCheckpointIO
 from lightning_diloco.collectives import CommStats
 from lightning_diloco.compression import COMPRESSOR_NAMES, ErrorFeedback
+from lightning_diloco.elastic import attempt_store
 from lightning_diloco.fragments import is_due, split_into_fragments
 from lightning_diloco.outer import OuterOptimizerCallable, OuterState, default_outer_optimizer, float_buffers
 from lightning_diloco.topology import Topology, average_across_workers, build_topology, check_processes_per_worker
@@ -109,7 +114,9 @@ class DiLoCoStrategy(DDPStrategy):
         accelerator: see :class:`~lightning.pytorch.strategies.DDPStrategy`.
         parallel_devices: see :class:`~lightning.pytorch.strategies.DDPStrategy`.
         cluster_environment: see :class:`~lightning.pytorch.strategies.DDPStrategy`.
-        checkpoint_io: see :class:`~lightning.pytorch.strategies.DDPStrategy`.
+        checkpoint_io: how checkpoints are written and read; defaults to
+            :class:`~lightning_diloco.checkpoint_io.AtomicCheckpointIO` (complete files or none, whenever a writer
+            is killed).
         precision_plugin: see :class:`~lightning.pytorch.strategies.DDPStrategy`.
         process_group_backend: the training backend, ``"gloo"`` or ``"nccl"``; defaults to the device's usual one.
         timeout: timeout of the training process group's collectives.
@@ -194,11 +201,46 @@ class DiLoCoStrategy(DDPStrategy):
     # Set-up: process groups, no DistributedDataParallel across workers, identical start, one optimizer
     # ------------------------------------------------------------------------------------------------------------
 
+    @property
+    @override
+    def checkpoint_io(self) -> CheckpointIO:
+        """The checkpoint plugin: the user's, or :class:`AtomicCheckpointIO` (also beneath a wrapping plugin such as
+        ``AsyncCheckpointIO`` that was given none)."""
+        if self._checkpoint_io is None:
+            self._checkpoint_io = AtomicCheckpointIO()
+        elif isinstance(self._checkpoint_io, _WrappingCheckpointIO):
+            self._checkpoint_io.checkpoint_io = AtomicCheckpointIO()  # kept only if the wrapper has no plugin yet
+        return self._checkpoint_io
+
+    @checkpoint_io.setter
+    def checkpoint_io(self, io: Optional[CheckpointIO]) -> None:
+        self._checkpoint_io = io
+
     @override
     def setup_distributed(self) -> None:
-        super().setup_distributed()
+        """Join the process group (in a store namespace of this torchrun attempt, see :mod:`lightning_diloco.elastic`)
+        and build the groups of the outer sync."""
+        self._join_process_group()
         timeout = timedelta(seconds=self.sync_timeout) if self.sync_timeout is not None else self._timeout
         self.topology = build_topology(self.processes_per_worker, self.outer_backend, timeout or default_pg_timeout)
+
+    def _join_process_group(self) -> None:
+        """``DDPStrategy.setup_distributed``, but restarted torchrun workers never read the keys of killed ones."""
+        self.set_world_ranks()
+        assert self.cluster_environment is not None
+        store = None
+        if not dist.is_initialized():
+            store = attempt_store(self.global_rank, self.world_size, self._timeout or default_pg_timeout)
+        if store is None:
+            super().setup_distributed()
+            return
+        reset_seed()
+        self._process_group_backend = self._get_process_group_backend()
+        device_id = self.root_device if self.root_device.type != "cpu" else None
+        _init_dist_connection(
+            self.cluster_environment, self._process_group_backend, timeout=self._timeout, device_id=device_id,
+            store=store,
+        )
 
     @override
     def setup(self, trainer: "pl.Trainer") -> None:
@@ -799,7 +841,9 @@ def _check_arguments(args: dict[str, Any]) -> None:
     if args["compression"] not in COMPRESSOR_NAMES:
         raise ValueError(f"`compression` must be one of {', '.join(COMPRESSOR_NAMES)}; got {args['compression']!r}.")
     if args["error_feedback"] and args["compression"] == "none":
-        raise ValueError("`error_feedback=True` needs a lossy `compression` (for example 'int8'); 'none' loses nothing.")
+        raise ValueError(
+            "`error_feedback=True` needs a lossy `compression` (for example 'int8'); 'none' loses nothing."
+        )
     for name in ("num_fragments", "processes_per_worker"):
         value = args[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
