@@ -156,6 +156,8 @@ def window(result: dict[str, Any], start: int, end: int) -> dict[str, float]:
         "outer_seconds": result["outer_seconds"][end - 1] - result["outer_seconds"][start - 1],
         "outer_cpu": result["outer_cpu"][end - 1] - result["outer_cpu"][start - 1] if "outer_cpu" in result else 0.0,
         "exchange_seconds": result["exchange_seconds"][end - 1] - result["exchange_seconds"][start - 1],
+        "own_seconds": result["own_seconds"][end - 1] - result["own_seconds"][start - 1] if "own_seconds" in result
+        else 0.0,
         "thread_cpu": result["thread_cpu"][end - 1] - result["thread_cpu"][start - 1],
         "process_cpu": result["process_cpu"][end - 1] - result["process_cpu"][start - 1],
         "run_delay": result["run_delay"][end - 1] - result["run_delay"][start - 1],

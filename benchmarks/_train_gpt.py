@@ -163,8 +163,13 @@ class StepClock(L.Callback):
         self.outer_cpu: list[float] = []  # cumulative: CPU seconds of the training thread in outer steps
         self.exchange_seconds: list[float] = []  # cumulative: the part spent in the health/speed all-gather
         self.outer_records: list[int] = []  # outer-step records logged by the end of every batch
+        # cumulative: time in DiLoCoStrategy.optimizer_step outside the parent strategy's optimizer step (the inner
+        # step), i.e. the strategy's own per-step work, outer steps included
+        self.own_seconds: list[float] = []
+        self._restore: tuple[type, Any] | None = None
         self.logger: RecordingLogger | None = None
-        self._totals = {"outer": 0.0, "_exchange_weights": 0.0, "outer_cpu": 0.0, "_exchange_weights_cpu": 0.0}
+        self._totals = {"outer": 0.0, "_exchange_weights": 0.0, "outer_cpu": 0.0, "_exchange_weights_cpu": 0.0,
+                        "optimizer_step": 0.0, "inner_step": 0.0}
         self._depth = {"outer": 0, "_exchange_weights": 0}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -191,6 +196,34 @@ class StepClock(L.Callback):
                             clock._totals[key + "_cpu"] += time.thread_time() - start_cpu
 
                 setattr(strategy, method, timed)
+            self._time_own_work(strategy)
+
+    def _time_own_work(self, strategy: Any) -> None:
+        """Time the strategy's ``optimizer_step`` and, within it, its parent's (the inner step) on the main thread."""
+        clock = self
+        parent = type(strategy).__mro__[1]
+        parent_step = parent.__dict__.get("optimizer_step") or getattr(parent, "optimizer_step")
+        own_step = strategy.optimizer_step
+
+        def timed(function: Any, key: str) -> Any:
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                start = time.perf_counter()
+                try:
+                    return function(*args, **kwargs)
+                finally:
+                    clock._totals[key] += time.perf_counter() - start
+
+            return wrapper
+
+        self._restore = (parent, parent_step)
+        parent.optimizer_step = timed(parent_step, "inner_step")
+        strategy.optimizer_step = timed(own_step, "optimizer_step")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._restore is not None:
+            parent, parent_step = self._restore
+            parent.optimizer_step = parent_step
+            self._restore = None
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         self.times.append(time.perf_counter())
@@ -201,6 +234,7 @@ class StepClock(L.Callback):
         self.outer_seconds.append(self._totals["outer"])
         self.outer_cpu.append(self._totals["outer_cpu"])
         self.exchange_seconds.append(self._totals["_exchange_weights"])
+        self.own_seconds.append(self._totals["optimizer_step"] - self._totals["inner_step"])
         self.outer_records.append(len(self.logger.outer) if self.logger else 0)
 
 
@@ -305,6 +339,7 @@ def train(run: dict[str, Any], devices: int, num_nodes: int) -> dict[str, Any]:
         "outer_seconds": clock.outer_seconds,
         "outer_cpu": clock.outer_cpu,
         "exchange_seconds": clock.exchange_seconds,
+        "own_seconds": clock.own_seconds,
         "outer_records": clock.outer_records,
         "loadavg": os.getloadavg(),
         "background_collectives": COUNTER.background,

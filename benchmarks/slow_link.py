@@ -10,13 +10,15 @@ created is removed on exit (also on Ctrl-C).
 This machine's two cores are shared with other jobs, whose load swings the wall-clock speed of a step by 3x from
 minute to minute, so times are taken as on cores of the workers' own (see :func:`dedicated`): the time the training
 thread was runnable but waiting for a CPU (Linux schedstat) is removed, the CPU time of the process's other threads is
-added, and blocked time (network, peer) is kept. Compute utilisation is the share of that time the training thread
-spent computing training steps; beside it, the ratio of tokens/s to those of the same two processes with no
-communication at all (DiLoCo with H larger than the run), and the raw wall-clock numbers. The configurations and their
+added, and blocked time (network, peer) is kept. Compute utilisation is the run's throughput over the throughput of
+the same run's steps with no communication: the share of that time the training thread spent computing training
+steps, everything the syncs cost (CPU in outer steps, other threads' extra CPU, waiting) counted against it. Beside it,
+the ratio of tokens/s to those of separate runs of the same two processes with no communication at all (DiLoCo with H
+larger than the run; this ratio also holds the run-to-run spread of a shared machine), and the raw wall-clock numbers. The configurations and their
 repeats are interleaved in one launch; measured over whole rounds (from the end of the first round to the end of the
 run); medians over repeats.
 
-    python benchmarks/slow_link.py                         # about 25 minutes on 2 busy CPU cores
+    python benchmarks/slow_link.py                         # about 13 minutes on 2 CPU cores (25 when busy)
     python benchmarks/slow_link.py --repeats 1 --inner-steps 12 --ddp-steps 8   # a quick look
 """
 
@@ -268,8 +270,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="measured rounds of H steps (after a first one)")
     parser.add_argument("--ddp-steps", type=int, default=20)
     parser.add_argument("--fragments", type=int, default=4)
-    parser.add_argument("--tau", type=int, default=2, help="overlap steps of the fp32 streaming run")
-    parser.add_argument("--tau-4bit", type=int, default=1, help="overlap steps of the e3m0 streaming run")
+    parser.add_argument("--tau", type=int, default=5, help="overlap steps of the fp32 streaming run")
+    parser.add_argument("--tau-4bit", type=int, default=2, help="overlap steps of the e3m0 streaming run")
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-embd", type=int, default=256)
@@ -341,16 +343,18 @@ def main() -> None:
         ])
     print()
     print(table(["configuration", "sent per sync", "tokens/s", "compute utilisation", "per repeat (%)",
-                 "tokens/s vs no communication", "waiting ms/step", "CPU ms/step: training thread (in outer steps)"
+                 "tokens/s vs no-communication runs", "waiting ms/step", "CPU ms/step: training thread (in outer steps)"
                  " + other threads", "sync s", "health all-gather ms/sync", "training-thread collectives/step",
                  "wall-clock tokens/s (vs no comm.)"], table_rows))
     print(
         "\ntokens/s: both workers, as on cores of their own: wall-clock time minus the time the training thread"
         " waited for a CPU taken by other jobs (schedstat), plus the CPU time of the process's other threads, with"
-        " the blocked time of the worker that waited less. compute utilisation: share of that time spent computing"
-        " training steps = compute / (compute + CPU in outer steps + extra CPU of other threads + waiting), all from"
-        " the same run (median over repeats). tokens/s vs no communication: the same, as the ratio of two runs (it"
-        " also holds the run-to-run spread of the CPU time of a step on this shared machine). waiting: time per step"
+        " the blocked time of the worker that waited less. compute utilisation: the run's tokens/s over the tokens/s"
+        " of the same run's steps with no communication, i.e. the share of its time spent computing training steps ="
+        " compute / (compute + CPU in outer steps + extra CPU of other threads + waiting), all from the same run"
+        " (median over repeats). tokens/s vs no-communication runs: the ratio to separate runs without communication"
+        " in the same repeat (it also holds the run-to-run spread of a step's CPU time on a shared machine). waiting:"
+        " time per step"
         " the training thread was blocked on the network or the peer. sync s: start of a sync to its outer update"
         " (median). health all-gather: the training thread's wait in the small all-gather that starts each sync"
         " (worker that waited most: it includes waiting for a peer slowed by other jobs). collectives: Python-level"

@@ -96,3 +96,27 @@ def test_window_counts_whole_rounds():
     assert w["tokens_per_second"] == pytest.approx(20 / 3)
     assert w["main_collectives_per_step"] == 1 and w["outer_seconds"] == 0.5
     assert w["outer"] == [{"step": 3}]  # the second record came after the last batch: the end-of-fit flush
+
+
+def test_overhead_benchmark_accounts_for_the_strategy_and_its_state(tmp_path):
+    """overhead.py on a short run: the outer state is the formula's 8 bytes per parameter (fp32 global weights and
+    Nesterov momentum), every measured round holds its outer step, and the strategy's own time is a small, positive
+    share of the step that its in-run ratio turns into a step-time ratio."""
+    report_file = tmp_path / "overhead.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "overhead.py"), "--inner-steps", "3", "--pairs", "1", "--rounds", "2",
+         "--json", str(report_file)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "DiLoCoStrategy(inner_steps=3), world size 1" in proc.stdout
+    report = json.loads(report_file.read_text())
+    pair = report["pairs"][0]
+    params = pair["lightning"]["params"]
+    assert report["state_bytes"] == 8 * params
+    assert pair["diloco"]["outer_steps"] == 2 and pair["lightning"]["outer_steps"] == 0
+    assert pair["lightning"]["own_step"] == 0.0
+    assert 0.0 < report["own_share"] < 0.5
+    assert report["own_ratio"] == pytest.approx(1 / (1 - report["own_share"]))
+    assert 0.5 < report["ratio"] < 2.0
