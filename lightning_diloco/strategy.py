@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "diloco"
 _CHECKPOINT_VERSION = 1
 _DEFAULT_OUTER = {"outer_lr": 0.7, "outer_momentum": 0.9, "outer_nesterov": True}
+_SHORT_OVERLAP_SECONDS = 0.2  # a wait for an overlapped sync shorter than this is never warned about
 
 
 class OuterSyncError(RuntimeError):
@@ -192,6 +193,7 @@ class DiLoCoStrategy(DDPStrategy):
         self._executor: Optional[ThreadPoolExecutor] = None
         self._feedback: list[Optional[ErrorFeedback]] = []
         self._stashed_local: Optional[dict[str, Tensor]] = None  # local weights while evaluation sees global ones
+        self._warned_short_overlap = False
         # speed-weighted rounds: steps this worker computes in the current round, and its measured compute time
         self._budget = inner_steps
         self._computed = 0
@@ -274,6 +276,7 @@ class DiLoCoStrategy(DDPStrategy):
         self.step = 0
         self.last_sync = [0] * self.num_fragments
         self._pending.clear()
+        self._warned_short_overlap = False
         self._feedback = [ErrorFeedback() if self.error_feedback else None for _ in self.fragments]
         self._budget, self._computed, self._compute_seconds = self.inner_steps, 0, 0.0
         if self.overlap_steps > 0 and self._executor is None:
@@ -431,6 +434,8 @@ class DiLoCoStrategy(DDPStrategy):
         stats = sync.stats
         assert stats is not None
         blocked = time.perf_counter() - waited
+        if sync.future is not None and self.step >= sync.apply_at:  # an overlapped sync that landed when due
+            self._warn_if_overlap_too_short(sync, blocked, waited - sync.started)
         healthy = sum(1 for w in sync.weights if w > 0)
         mine_ok = sync.weights[self.topology.worker] > 0 if self.topology else True
         if healthy:
@@ -445,6 +450,18 @@ class DiLoCoStrategy(DDPStrategy):
         if sync.fragment == self.num_fragments - 1:
             self._next_round_budget(sync)
         self._log_outer_step(sync, stats, blocked, healthy)
+
+    def _warn_if_overlap_too_short(self, sync: _Sync, blocked: float, window: float) -> None:
+        """Warn once per ``fit`` when the loop waited for an overlapped sync for a good part of its overlap window."""
+        if self._warned_short_overlap or blocked < max(_SHORT_OVERLAP_SECONDS, 0.25 * window):
+            return
+        self._warned_short_overlap = True
+        rank_zero_warn(
+            f"The outer sync of fragment {sync.fragment} started at step {sync.step} was not done after"
+            f" `overlap_steps={self.overlap_steps}` inner steps ({window:.3g} s): the training loop waited"
+            f" {blocked:.2f} s for it. Raise `overlap_steps` until a sync's communication fits in it, or send fewer"
+            " bytes (`compression`, `num_fragments`). `diloco/blocked_seconds` logs the wait at every outer step."
+        )
 
     def _health_row(self, deltas: list[Tensor]) -> Tensor:
         """This worker's row of the exchange: its weight (0 if its pseudo-gradient is not finite, else 1, or with

@@ -137,6 +137,21 @@ def test_overlapped_fragments_equal_the_reference(overlapped):
     assert not torch.allclose(unmixed.local[0][10], sim.local[0][10])
 
 
+def test_overlap_too_short_for_the_sync_warns_once(overlapped, tmp_path, monkeypatch):
+    """Rank 1 stalls 1.5 s before the sync of step 4 starts: rank 0's sync, overlapped for one step, cannot land in
+    time, and rank 0 says to raise `overlap_steps`. The overlapped run without a stall does not warn."""
+    _, quiet = overlapped
+    assert not [w for w in quiet[0]["warnings"] if "overlap_steps" in w], quiet[0]["warnings"]
+    monkeypatch.setenv("TOY_STALL", "1:3:1.5")
+    ranks = _run(tmp_path, "--inner-steps", "4", "--overlap", "1", "--max-steps", "12", "--max-epochs", "2",
+                 "--val", "0")
+    warned = [w for w in ranks[0]["warnings"] if "overlap_steps=1" in w]
+    assert len(warned) == 1, ranks[0]["warnings"]
+    waited = float(warned[0].split("the training loop waited ")[1].split(" s")[0])
+    assert 1.0 < waited < 10.0, warned[0]
+    assert "started at step 4" in warned[0]
+
+
 def test_fit_ends_on_the_global_weights_with_a_sync_in_flight(overlapped):
     """The sync that fragment 1 starts after the last step is still in flight when fit ends: it must land without
     mixing (no inner step happened since it started), so that every worker ends on the same global weights."""

@@ -113,7 +113,6 @@ def _inject_faults(module: "ToyModule", where: str) -> None:
             with torch.no_grad():
                 module.net[0].weight[0, 0] = float("nan")  # TOY_NAN=rank:step poisons the replica
         if (stall := _fault("TOY_STALL")) is not None and step == int(stall[0]):
-            import sys; print(f"{time.time():.1f} stalling rank {os.environ.get('LOCAL_RANK')} {os.environ.get('RANK')}", file=sys.stderr, flush=True)
             time.sleep(stall[1])  # TOY_STALL=rank:step:seconds stalls before the next sync
 
 
