@@ -202,7 +202,7 @@ class StepClock(L.Callback):
         """Time the strategy's ``optimizer_step`` and, within it, its parent's (the inner step) on the main thread."""
         clock = self
         parent = type(strategy).__mro__[1]
-        parent_step = parent.__dict__.get("optimizer_step") or getattr(parent, "optimizer_step")
+        parent_step = parent.optimizer_step  # the plain function: the class attribute
         own_step = strategy.optimizer_step
 
         def timed(function: Any, key: str) -> Any:

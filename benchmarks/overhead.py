@@ -15,14 +15,13 @@ artefact here: two identical runs side by side differ by up to 10%). The ratio i
 Peak memory (RSS of a fresh process running one fit, Python, torch and Lightning included: the CPU allocator keeps no
 statistics of its own) is measured in separate fresh processes.
 
-    python benchmarks/overhead.py                 # about 12 minutes on 2 busy CPU cores
+    python benchmarks/overhead.py                 # about 8 minutes on 2 CPU cores (12 when they are busy)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -43,10 +42,9 @@ def one(run: dict[str, Any]) -> dict[str, Any]:
 
 def measure(result: dict[str, Any], h: int, steps: int) -> dict[str, float]:
     w = window(result, h, steps)
-    wall = [b - a for a, b in zip(result["times"][h - 1 : steps - 1], result["times"][h:steps])]
     own_core = (w["seconds"] - w["run_delay"] + max(0.0, w["process_cpu"] - w["thread_cpu"])) / w["steps"]
     return {
-        "step": own_core, "wall_step": w["step_seconds"], "median_wall_step": statistics.median(wall),
+        "step": own_core, "wall_step": w["step_seconds"],
         "run_delay_share": w["run_delay"] / w["seconds"], "outer_seconds": w["outer_seconds"],
         "outer_steps": len(w["outer"]), "loadavg": result["loadavg"][0], "params": result["num_parameters"],
         "own_step": w["own_seconds"] / w["steps"], "own_share": w["own_seconds"] / w["seconds"],
@@ -123,8 +121,8 @@ def main() -> None:
             f"**{own_ratio:.4f}**" if side == "diloco" else "1",
         ])
     loads = [m[s]["loadavg"] for m in measured for s in SIDES]
-    print(f"GPT preset {args.preset!r} ({params:,} parameters), {args.batch_size} x {args.seq_len} tokens per step, 1 CPU"
-          f" thread; {args.rounds} round(s) of H={h} measured after a first one; medians of {args.pairs} A/B pairs"
+    print(f"GPT preset {args.preset!r} ({params:,} parameters), {args.batch_size} x {args.seq_len} tokens per step,"
+          f" 1 CPU thread; {args.rounds} round(s) of H={h} measured after a first one; medians of {args.pairs} A/B pairs"
           f" ({args.mode}); load average {min(loads):.1f} to {max(loads):.1f}\n")
     print(table(["run", "ms/step", "step-time ratio", "wall-clock ms/step", "wall-clock ratio", "ms per outer step",
                  "peak RSS", "vs Lightning", "DiLoCo state (global weights + momentum)",
@@ -135,7 +133,8 @@ def main() -> None:
           " the inner step it wraps (bookkeeping and outer steps), per step and as a share of the step time, measured"
           " within each run; in-run ratio = 1 / (1 - share), free of the drift between runs.")
     print(f"step-time ratio per pair: {' '.join(format(r, '.3f') for r in ratios)} (sorted; quartiles"
-          f" {ratios[len(ratios) // 4]:.3f} to {ratios[(3 * len(ratios)) // 4]:.3f}) ({time.perf_counter() - started:.0f} s)")
+          f" {ratios[len(ratios) // 4]:.3f} to {ratios[(3 * len(ratios)) // 4]:.3f})"
+          f" ({time.perf_counter() - started:.0f} s)")
     if args.json:
         args.json.write_text(json.dumps({"pairs": measured, "ratio": ratio, "wall_ratio": wall_ratio, "rss": rss,
                                          "state_bytes": state, "own_share": own_share,

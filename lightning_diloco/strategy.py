@@ -16,7 +16,6 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.fabric.strategies import _StrategyRegistry
 from lightning.fabric.utilities.distributed import _init_dist_connection
 from lightning.fabric.utilities.optimizer import _optimizer_to_device
-from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.plugins.precision import Precision
@@ -227,22 +226,22 @@ class DiLoCoStrategy(DDPStrategy):
         self.topology = build_topology(self.processes_per_worker, self.outer_backend, timeout or default_pg_timeout)
 
     def _join_process_group(self) -> None:
-        """``DDPStrategy.setup_distributed``, but restarted torchrun workers never read the keys of killed ones."""
-        self.set_world_ranks()
-        assert self.cluster_environment is not None
-        store = None
+        """``DDPStrategy.setup_distributed``, but restarted torchrun workers never read the keys of killed ones.
+
+        Under torchrun the process group is first joined through :func:`attempt_store`; Lightning's set-up then finds it
+        initialized and does the rest.
+        """
         if not dist.is_initialized():
+            self.set_world_ranks()
             store = attempt_store(self.global_rank, self.world_size, self._timeout or default_pg_timeout)
-        if store is None:
-            super().setup_distributed()
-            return
-        reset_seed()
-        self._process_group_backend = self._get_process_group_backend()
-        device_id = self.root_device if self.root_device.type != "cpu" else None
-        _init_dist_connection(
-            self.cluster_environment, self._process_group_backend, timeout=self._timeout, device_id=device_id,
-            store=store,
-        )
+            if store is not None:
+                assert self.cluster_environment is not None
+                device_id = self.root_device if self.root_device.type != "cpu" else None
+                _init_dist_connection(
+                    self.cluster_environment, self._get_process_group_backend(), timeout=self._timeout,
+                    device_id=device_id, store=store,
+                )
+        super().setup_distributed()
 
     @override
     def setup(self, trainer: "pl.Trainer") -> None:
