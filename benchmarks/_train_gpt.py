@@ -302,7 +302,7 @@ def train(run: dict[str, Any], devices: int, num_nodes: int) -> dict[str, Any]:
         strategy_class = _strategy_class(run.get("strategy_file"))
         strategy: Any = strategy_class(
             inner_steps=run["inner_steps"], compression=run["compression"], num_fragments=run["fragments"],
-            overlap_steps=run["overlap"], overlap_mixing=run["mixing"], bucket_cap_mb=run["bucket_cap_mb"],
+            overlap_steps=run["overlap"], overlap_mixing=run["mixing"], outer_bucket_cap_mb=run["bucket_cap_mb"],
         )
     else:
         strategy = run["strategy"]

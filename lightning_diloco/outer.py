@@ -12,6 +12,7 @@ kept here so that evaluation and checkpoints see the global model.
 """
 
 from collections.abc import Iterable, Iterator, Sequence
+from functools import partial
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -27,13 +28,11 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 def default_outer_optimizer(lr: float = 0.7, momentum: float = 0.9, nesterov: bool = True) -> OuterOptimizerCallable:
     """The paper's outer optimizer: SGD with Nesterov momentum (lr 0.7, momentum 0.9).
 
-    Nesterov momentum with ``momentum=0`` is plain SGD, so ``nesterov`` only takes effect when ``momentum > 0``.
+    Nesterov momentum with ``momentum=0`` is plain SGD, so ``nesterov`` only takes effect when ``momentum > 0``. The
+    result is a :func:`functools.partial` of :class:`torch.optim.SGD`, so a strategy holding it can be pickled (for
+    ``start_method="spawn"``).
     """
-
-    def build(params: Iterable[Tensor]) -> Optimizer:
-        return SGD(params, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
-
-    return build
+    return partial(SGD, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
 
 
 def master_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -58,6 +57,12 @@ def _mix_(local: Tensor, global_: Tensor, mixing: float) -> None:
 class OuterState:
     """Global weights, global buffers and the outer optimizer, all on ``device``.
 
+    The state follows the module's parameters by identity: :attr:`locals` are the module's parameter tensors it was
+    built from (or last followed), and global tensor ``i`` belongs to ``locals[i]``. When something re-registers the
+    module's parameters during training (``torch.nn.utils.prune`` turns ``weight`` into ``weight_orig`` and a
+    ``weight_mask`` buffer, ``torch.nn.utils.parametrize`` moves it under ``parametrizations``), :meth:`changed` says
+    so and :meth:`follow` maps the state onto the new parameters.
+
     Args:
         module: the model whose current weights become the global weights.
         optimizer: builds the outer optimizer from the global parameters.
@@ -68,35 +73,74 @@ class OuterState:
 
     def __init__(self, module: Module, optimizer: OuterOptimizerCallable, device: Union[str, torch.device]) -> None:
         self.device = torch.device(device)
-        self.names = [name for name, _ in module.named_parameters()]
+        self._build_optimizer = optimizer
+        self.locals: list[Tensor] = []
+        self.names: list[str] = []
+        self.params: list[Parameter] = []
+        self.buffers: dict[str, Tensor] = {}
+        self.follow(module)
+        self.outer_step = 0
+
+    def changed(self, module: Module) -> bool:
+        """Whether ``module``'s parameters or floating-point buffers are no longer the ones this state follows."""
+        current = list(module.parameters())
+        if len(current) != len(self.locals) or any(
+            p is not q or p.shape != g.shape for p, q, g in zip(current, self.locals, self.params)
+        ):
+            return True
+        return {name: tuple(b.shape) for name, b in float_buffers(module)} != {
+            name: tuple(b.shape) for name, b in self.buffers.items()
+        }
+
+    def untracked(self, module: Module) -> list[Tensor]:
+        """``module``'s parameters and floating-point buffers that this state holds no global value for."""
+        known = {id(p): g.shape for p, g in zip(self.locals, self.params)}
+        fresh: list[Tensor] = [p for p in module.parameters() if known.get(id(p)) != p.shape]
+        fresh += [b for name, b in float_buffers(module) if name not in self.buffers or self.buffers[name].shape != b.shape]
+        return fresh
+
+    @torch.no_grad()
+    def follow(self, module: Module) -> None:
+        """Follow ``module``'s current parameters and floating-point buffers.
+
+        A parameter this state already follows (the same tensor, with the same shape, under any name) keeps its global
+        value and its outer optimizer state; any other parameter or buffer starts from its current value, with a fresh
+        outer optimizer state. Callers make those current values equal on every worker first.
+        """
+        old = {id(p): g for p, g in zip(self.locals, self.params) if p.shape == g.shape}
+        old_optimizer: Optional[Optimizer] = getattr(self, "optimizer", None)
+        self.locals = list(module.parameters())
+        self.names = _parameter_names(module, self.locals)
         self.params = [
-            Parameter(p.detach().to(self.device, master_dtype(p.dtype), copy=True)) for p in module.parameters()
+            kept if (kept := old.get(id(p))) is not None
+            else Parameter(p.detach().to(self.device, master_dtype(p.dtype), copy=True))
+            for p in self.locals
         ]
         self.buffers = {
-            name: b.detach().to(self.device, master_dtype(b.dtype), copy=True) for name, b in float_buffers(module)
+            name: kept if (kept := self.buffers.get(name)) is not None and kept.shape == b.shape
+            else b.detach().to(self.device, master_dtype(b.dtype), copy=True)
+            for name, b in float_buffers(module)
         }
-        self.optimizer = optimizer(self.params)
+        self.optimizer = self._build_optimizer(self.params)
         if not isinstance(self.optimizer, Optimizer):
             raise TypeError(
                 f"`outer_optimizer` must return a `torch.optim.Optimizer`, got {type(self.optimizer).__name__}."
                 " Pass a callable such as `functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9, nesterov=True)`."
             )
-        self.outer_step = 0
+        if old_optimizer is not None:
+            _carry_optimizer_state(old_optimizer, self.optimizer)
 
     @torch.no_grad()
-    def pseudo_gradients(
-        self, local: list[Tensor], device: torch.device, indices: Optional[Sequence[int]] = None
-    ) -> list[Tensor]:
+    def pseudo_gradients(self, device: torch.device, indices: Optional[Sequence[int]] = None) -> list[Tensor]:
         """This worker's pseudo-gradient ``global - local`` (fp32 or wider, on ``device``).
 
         Args:
-            local: the worker's parameters, in ``module.parameters()`` order.
             device: where the pseudo-gradients are built (the device the collective runs on).
             indices: the parameters to take (a fragment); all of them by default.
 
         """
         indices = range(len(self.params)) if indices is None else indices
-        return [self.params[i].to(device) - local[i].detach().to(device, self.params[i].dtype) for i in indices]
+        return [self.params[i].to(device) - self.locals[i].detach().to(device, self.params[i].dtype) for i in indices]
 
     @torch.no_grad()
     def step(self, mean_pseudo_gradients: list[Tensor], indices: Optional[Sequence[int]] = None) -> None:
@@ -135,9 +179,8 @@ class OuterState:
             buffers: also move the floating-point buffers.
 
         """
-        local = list(module.parameters())
         for i in range(len(self.params)) if indices is None else indices:
-            _mix_(local[i], self.params[i], mixing)
+            _mix_(self.locals[i], self.params[i], mixing)
         if buffers:
             for name, buffer in float_buffers(module):
                 _mix_(buffer, self.buffers[name], mixing)
@@ -147,8 +190,8 @@ class OuterState:
         state = module.state_dict()
         # every name of every parameter: a tied parameter (an output layer sharing the embedding matrix) appears in
         # `state_dict` under each of its names but only once in `parameters()`; all its names get the global value
-        index = {id(p): i for i, p in enumerate(module.parameters())}
-        named = {name: self.params[index[id(p)]] for name, p in module.named_parameters(remove_duplicate=False)}
+        index = {id(p): g for p, g in zip(self.locals, self.params)}
+        named = {name: index[id(p)] for name, p in module.named_parameters(remove_duplicate=False) if id(p) in index}
         for key in state:
             source: Optional[Tensor] = named.get(key, self.buffers.get(key))
             if source is not None:
@@ -180,3 +223,18 @@ class OuterState:
             self.buffers[name].copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
         self.outer_step = int(state["outer_step"])
+
+
+def _parameter_names(module: Module, params: list[Tensor]) -> list[str]:
+    names = {id(p): name for name, p in module.named_parameters()}
+    return [names[id(p)] for p in params]
+
+
+def _carry_optimizer_state(old: Optimizer, new: Optimizer) -> None:
+    """Give ``new`` the per-parameter state of the parameters it shares with ``old``, and ``old``'s hyperparameters
+    (a scheduler may have changed the learning rate)."""
+    for param, state in old.state.items():
+        if any(param is p for group in new.param_groups for p in group["params"]):
+            new.state[param] = state
+    for old_group, new_group in zip(old.param_groups, new.param_groups):
+        new_group.update({k: v for k, v in old_group.items() if k != "params"})

@@ -1,5 +1,6 @@
 """DiLoCoStrategy: Distributed Low-Communication training (Douillard et al. 2023) as a Lightning strategy."""
 
+import inspect
 import logging
 import math
 import time
@@ -22,7 +23,7 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.nn import Module
 from torch.nn.parallel import DistributedDataParallel
@@ -33,8 +34,9 @@ from lightning_diloco.checkpoint_io import AtomicCheckpointIO
 from lightning_diloco.collectives import CommStats
 from lightning_diloco.compression import COMPRESSOR_NAMES, ErrorFeedback
 from lightning_diloco.elastic import attempt_store
-from lightning_diloco.fragments import is_due, split_into_fragments
+from lightning_diloco.fragments import is_due, split_into_fragments, sync_offset
 from lightning_diloco.outer import OuterOptimizerCallable, OuterState, default_outer_optimizer, float_buffers
+from lightning_diloco.warmup import average_gradients
 from lightning_diloco.topology import Topology, average_across_workers, build_topology, check_processes_per_worker
 
 if TYPE_CHECKING:
@@ -45,7 +47,9 @@ log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "diloco"
 _CHECKPOINT_VERSION = 1
 _DEFAULT_OUTER = {"outer_lr": 0.7, "outer_momentum": 0.9, "outer_nesterov": True}
-_SHORT_OVERLAP_SECONDS = 0.2  # a wait for an overlapped sync shorter than this is never warned about
+_SHORT_OVERLAP_SECONDS = 0.2
+# DistributedDataParallel arguments that the strategy sets itself
+_DDP_KWARGS_SET_BY_STRATEGY = {"self", "module", "device_ids", "process_group", "device_mesh"}  # a wait for an overlapped sync shorter than this is never warned about
 
 
 class OuterSyncError(RuntimeError):
@@ -88,6 +92,9 @@ class DiLoCoStrategy(DDPStrategy):
             their defaults).
         outer_device: where the global weights and the outer optimizer state live; ``"cpu"`` keeps them out of
             accelerator memory. Defaults to the device the model trains on.
+        sync_warmup_steps: W; the first W optimizer steps are synchronous, as in DDP (gradients averaged over all
+            processes at every step); DiLoCo then starts from the shared weights and inner optimizer state. The paper
+            starts DiLoCo from a model trained synchronously; 0 (the default) starts DiLoCo at once.
         eval_weights: which weights validation sees during ``fit``: ``"global"`` (the global weights) or ``"local"``
             (each worker's replica). The local weights are restored afterwards.
         compression: how pseudo-gradients travel: ``"none"`` (fp32), ``"bf16"``, ``"fp16"``, ``"int8"``, ``"int4"`` or
@@ -110,7 +117,17 @@ class DiLoCoStrategy(DDPStrategy):
             a fresh inner optimizer state; ``"raise"`` stops training with :class:`OuterSyncError`.
         speed_weighted: let slower workers compute fewer of the H steps of a round (in proportion to their measured
             speed) and weight pseudo-gradients by the steps each computed, so fast workers do not wait at syncs.
-        bucket_cap_mb: the size of the flat buckets the pseudo-gradients travel in (one collective per bucket).
+        outer_bucket_cap_mb: the size of the flat buckets the pseudo-gradients travel in (one collective per bucket).
+        find_unused_parameters: as in DDP, for the ``DistributedDataParallel`` inside a worker of several processes.
+            A worker of one process has no ``DistributedDataParallel`` (nothing is reduced between steps), so this
+            and the other DDP keywords below have no effect there.
+        static_graph: as in DDP, for the ``DistributedDataParallel`` inside a worker of several processes.
+        gradient_as_bucket_view: as in DDP, for the ``DistributedDataParallel`` inside a worker of several processes.
+        broadcast_buffers: as in DDP, for the ``DistributedDataParallel`` inside a worker of several processes.
+        bucket_cap_mb: DDP's gradient bucket size, for the ``DistributedDataParallel`` inside a worker of several
+            processes (the outer syncs' buckets are ``outer_bucket_cap_mb``).
+        **kwargs: any other keyword argument of ``torch.nn.parallel.DistributedDataParallel``, as ``DDPStrategy``
+            takes them, for the ``DistributedDataParallel`` inside a worker of several processes.
         accelerator: see :class:`~lightning.pytorch.strategies.DDPStrategy`.
         parallel_devices: see :class:`~lightning.pytorch.strategies.DDPStrategy`.
         cluster_environment: see :class:`~lightning.pytorch.strategies.DDPStrategy`.
@@ -118,9 +135,19 @@ class DiLoCoStrategy(DDPStrategy):
             :class:`~lightning_diloco.checkpoint_io.AtomicCheckpointIO` (complete files or none, whenever a writer
             is killed).
         precision_plugin: see :class:`~lightning.pytorch.strategies.DDPStrategy`.
+        ddp_comm_state: as in DDP, the state of ``ddp_comm_hook``.
+        ddp_comm_hook: as in DDP, a communication hook of the ``DistributedDataParallel`` inside a worker of several
+            processes (registered on CUDA, as DDP does). A worker of one process communicates no gradients, so there
+            is nothing for a hook to do there.
+        ddp_comm_wrapper: as in DDP, a wrapper of ``ddp_comm_hook``.
+        model_averaging_period: DDP's post-local SGD averaging period. DiLoCo is itself periodic averaging (with an
+            outer optimizer), so this must stay ``None``: use ``inner_steps``.
         process_group_backend: the training backend, ``"gloo"`` or ``"nccl"``; defaults to the device's usual one.
         timeout: timeout of the training process group's collectives.
         start_method: how Lightning starts the worker processes, as in DDP.
+
+    The first twelve arguments are ``DDPStrategy``'s, in its order, so code written for ``DDPStrategy`` works
+    unchanged; DiLoCo's own arguments are keyword-only.
 
     """
 
@@ -128,12 +155,26 @@ class DiLoCoStrategy(DDPStrategy):
 
     def __init__(
         self,
+        accelerator: Optional["pl.accelerators.Accelerator"] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[ClusterEnvironment] = None,
+        checkpoint_io: Optional[CheckpointIO] = None,
+        precision_plugin: Optional[Precision] = None,
+        ddp_comm_state: Optional[object] = None,
+        ddp_comm_hook: Optional[Callable] = None,
+        ddp_comm_wrapper: Optional[Callable] = None,
+        model_averaging_period: Optional[int] = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        *,
         inner_steps: int = 500,
         outer_lr: float = 0.7,
         outer_momentum: float = 0.9,
         outer_nesterov: bool = True,
         outer_optimizer: Optional[OuterOptimizerCallable] = None,
         outer_device: Optional[Union[str, torch.device]] = None,
+        sync_warmup_steps: int = 0,
         eval_weights: Literal["global", "local"] = "global",
         compression: str = "none",
         error_feedback: bool = False,
@@ -145,15 +186,13 @@ class DiLoCoStrategy(DDPStrategy):
         sync_timeout: Optional[float] = None,
         nonfinite: Literal["skip", "raise"] = "skip",
         speed_weighted: bool = False,
-        bucket_cap_mb: float = 128.0,
-        accelerator: Optional["pl.accelerators.Accelerator"] = None,
-        parallel_devices: Optional[list[torch.device]] = None,
-        cluster_environment: Optional[ClusterEnvironment] = None,
-        checkpoint_io: Optional[CheckpointIO] = None,
-        precision_plugin: Optional[Precision] = None,
-        process_group_backend: Optional[str] = None,
-        timeout: Optional[timedelta] = default_pg_timeout,
-        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        outer_bucket_cap_mb: float = 128.0,
+        find_unused_parameters: bool = False,
+        static_graph: bool = False,
+        gradient_as_bucket_view: bool = False,
+        broadcast_buffers: bool = True,
+        bucket_cap_mb: Optional[float] = None,
+        **kwargs: Any,
     ) -> None:
         _check_arguments(locals())
         super().__init__(
@@ -162,11 +201,24 @@ class DiLoCoStrategy(DDPStrategy):
             cluster_environment=cluster_environment,
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
+            ddp_comm_state=ddp_comm_state,
+            ddp_comm_hook=ddp_comm_hook,
+            ddp_comm_wrapper=ddp_comm_wrapper,
             process_group_backend=process_group_backend,
             timeout=timeout,
             start_method=start_method,
         )
+        # the DistributedDataParallel inside a worker of several processes gets DDP's own keywords
+        self._ddp_kwargs = {
+            "find_unused_parameters": find_unused_parameters,
+            "static_graph": static_graph,
+            "gradient_as_bucket_view": gradient_as_bucket_view,
+            "broadcast_buffers": broadcast_buffers,
+            **({} if bucket_cap_mb is None else {"bucket_cap_mb": bucket_cap_mb}),
+        }
+        self._ddp_kwargs.update(_ddp_only_kwargs(kwargs))
         self.inner_steps = inner_steps
+        self.sync_warmup_steps = sync_warmup_steps
         self.eval_weights = eval_weights
         self.compression = compression
         self.error_feedback = error_feedback
@@ -178,16 +230,18 @@ class DiLoCoStrategy(DDPStrategy):
         self.sync_timeout = sync_timeout
         self.nonfinite = nonfinite
         self.speed_weighted = speed_weighted
-        self.bucket_cap_mb = bucket_cap_mb
+        self.outer_bucket_cap_mb = outer_bucket_cap_mb
         self._outer_optimizer = outer_optimizer or default_outer_optimizer(outer_lr, outer_momentum, outer_nesterov)
         self._outer_device = None if outer_device is None else _parse_device(outer_device)
 
         self.topology: Optional[Topology] = None
-        self.outer: Optional[OuterState] = None
+        self.outer: Optional[OuterState] = None  # None outside `fit` and during the synchronous warm-up
         self.fragments: list[list[int]] = []
-        self.step = 0  # optimizer steps taken under DiLoCo
+        self.warmup_taken = 0  # synchronous warm-up steps taken
+        self.step = 0  # optimizer steps taken under DiLoCo, after the warm-up
         self.last_sync: list[int] = []  # per fragment, the value of `step` at its last outer step
         self.last_metrics: dict[str, float] = {}  # the metrics of the latest outer step
+        self._fitting = False
         self._pending: deque[_Sync] = deque()
         self._executor: Optional[ThreadPoolExecutor] = None
         self._feedback: list[Optional[ErrorFeedback]] = []
@@ -244,6 +298,12 @@ class DiLoCoStrategy(DDPStrategy):
         super().setup_distributed()
 
     @override
+    def _configure_launcher(self) -> None:
+        """Check the worker layout against the number of processes before any process is started."""
+        check_processes_per_worker(self.processes_per_worker, self.num_nodes * self.num_processes)
+        super()._configure_launcher()
+
+    @override
     def setup(self, trainer: "pl.Trainer") -> None:
         if self._layer_sync is not None:
             raise ValueError(
@@ -251,8 +311,9 @@ class DiLoCoStrategy(DDPStrategy):
                 " exists to avoid. Set `sync_batchnorm=False`: DiLoCo averages BatchNorm buffers at every outer step."
             )
         check_processes_per_worker(self.processes_per_worker, self.world_size)
+        self._fitting = trainer.state.fn == TrainerFn.FITTING
         super().setup(trainer)
-        if trainer.state.fn != TrainerFn.FITTING:
+        if not self._fitting:
             return
         if len(self.optimizers) > 1:
             raise ValueError(
@@ -270,17 +331,26 @@ class DiLoCoStrategy(DDPStrategy):
         device = self._outer_device or self.root_device
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"`outer_device={device}` needs CUDA, which is not available. Use `outer_device='cpu'`.")
-        self.outer = OuterState(module, self._outer_optimizer, device)
+        self.warmup_taken = 0
+        self.outer = None
+        self._warned_short_overlap = False
+        if self.sync_warmup_steps == 0:
+            self._start_diloco()
+        if self.overlap_steps > 0 and self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diloco-outer-sync")
+        _no_collective_per_step(trainer)
+
+    def _start_diloco(self) -> None:
+        """Take the module's current weights as the global weights, with a fresh outer optimizer and round."""
+        module = self.lightning_module
+        assert module is not None
+        self.outer = OuterState(module, self._outer_optimizer, self._outer_device or self.root_device)
         self.fragments = split_into_fragments([p.numel() for p in module.parameters()], self.num_fragments)
         self.step = 0
         self.last_sync = [0] * self.num_fragments
         self._pending.clear()
-        self._warned_short_overlap = False
         self._feedback = [ErrorFeedback() if self.error_feedback else None for _ in self.fragments]
         self._budget, self._computed, self._compute_seconds = self.inner_steps, 0, 0.0
-        if self.overlap_steps > 0 and self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diloco-outer-sync")
-        _no_collective_per_step(trainer)
 
     @override
     def configure_ddp(self) -> None:
@@ -288,14 +358,68 @@ class DiLoCoStrategy(DDPStrategy):
         assert self.model is not None and self.topology is not None
         _sync_module_states(self.model)
         if self.processes_per_worker > 1:
-            self.model = DistributedDataParallel(
-                self.model, device_ids=self.determine_ddp_device_ids(), process_group=self.topology.intra
+            self._ddp_kwargs["process_group"] = self.topology.intra
+            super().configure_ddp()
+        elif self._ddp_comm_hook is not None or self._non_default_ddp_kwargs():
+            given = ", ".join(["ddp_comm_hook"] * (self._ddp_comm_hook is not None) + self._non_default_ddp_kwargs())
+            rank_zero_info(
+                f"DiLoCoStrategy: {given} configure the DistributedDataParallel inside a worker of several processes."
+                " Each worker here is one process, with no DistributedDataParallel and no gradient communication"
+                " between outer steps, so they have no effect."
             )
+
+    def _non_default_ddp_kwargs(self) -> list[str]:
+        defaults = {"find_unused_parameters": False, "static_graph": False, "gradient_as_bucket_view": False,
+                    "broadcast_buffers": True}
+        return sorted(k for k, v in self._ddp_kwargs.items() if k != "process_group" and defaults.get(k, object()) != v)
 
     @property
     def num_workers(self) -> int:
         """The number of DiLoCo workers (processes divided by ``processes_per_worker``)."""
         return self.world_size // self.processes_per_worker
+
+    @override
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self._warn_if_no_outer_step_in_time()
+
+    def _warn_if_no_outer_step_in_time(self) -> None:
+        """Warn when the first outer step comes after the end of training, or after a validation that then sees the
+        untrained global weights."""
+        module = self.lightning_module
+        assert module is not None
+        trainer = module.trainer
+        first_outer = self.sync_warmup_steps + min(
+            sync_offset(f, self.num_fragments, self.inner_steps) or self.inner_steps for f in range(self.num_fragments)
+        )
+        first_outer -= self.warmup_taken + self.step  # a resumed run is part-way
+        total = trainer.estimated_stepping_batches - trainer.global_step
+        what = (
+            f"The first outer step comes after {first_outer} more optimizer steps (`sync_warmup_steps="
+            f"{self.sync_warmup_steps}` + `inner_steps={self.inner_steps}`)"
+        )
+        if math.isfinite(total) and first_outer > total:
+            rank_zero_warn(
+                f"{what}, but training ends after {int(total)}: the workers never meet before the final outer step at"
+                " the end of `fit`, and validation during `fit` sees the initial global weights. Lower `inner_steps`"
+                " (or `sync_warmup_steps`), or train longer."
+            )
+            return
+        if self.eval_weights != "global" or self.outer is None or self.outer.outer_step > 0 or not trainer.enable_validation:
+            return
+        batches = trainer.num_training_batches
+        if not isinstance(trainer.val_check_batch, int) or not math.isfinite(batches):
+            return
+        first_val_batch = trainer.val_check_batch
+        if trainer.check_val_every_n_epoch is not None:
+            first_val_batch += (trainer.check_val_every_n_epoch - 1) * int(batches)
+        first_val = first_val_batch // max(trainer.accumulate_grad_batches, 1)
+        if first_val < first_outer:
+            rank_zero_warn(
+                f"{what}, but validation first runs after {first_val}: until the first outer step it sees the"
+                " untrained global weights. Lower `inner_steps`, start with `sync_warmup_steps`, validate later, or"
+                " use `eval_weights='local'`."
+            )
 
     # ------------------------------------------------------------------------------------------------------------
     # The inner loop
@@ -328,7 +452,13 @@ class DiLoCoStrategy(DDPStrategy):
         model: Optional[Union["pl.LightningModule", Module]] = None,
         **kwargs: Any,
     ) -> Any:
-        """One inner step on this worker's replica, then any outer step that falls after it."""
+        """One inner step on this worker's replica, then any outer step that falls after it.
+
+        During the synchronous warm-up (``sync_warmup_steps``) the step is DDP's instead: the gradients are averaged
+        over all processes before the optimizer steps.
+        """
+        if self._fitting and self.outer is None:
+            return self._warmup_step(optimizer, closure, model, **kwargs)
         skipped = self._skips_step()
         start = time.perf_counter()
         if skipped:
@@ -347,6 +477,26 @@ class DiLoCoStrategy(DDPStrategy):
                     self.outer_step(fragment)
         return output
 
+    def _warmup_step(
+        self, optimizer: Optimizer, closure: Callable[[], Any], model: Optional[Union["pl.LightningModule", Module]],
+        **kwargs: Any,
+    ) -> Any:
+        """A synchronous step: the closure's gradients are averaged over all processes, then the optimizer steps."""
+        module = self.lightning_module
+        assert module is not None
+
+        def closure_then_average() -> Any:
+            result = closure()
+            average_gradients(module, self.outer_bucket_cap_mb)
+            return result
+
+        output = super().optimizer_step(optimizer, closure_then_average, model, **kwargs)
+        self.warmup_taken += 1
+        if self.warmup_taken >= self.sync_warmup_steps:
+            _sync_module_states(module)  # the weights agree already; this also gives every worker rank 0's buffers
+            self._start_diloco()
+        return output
+
     # ------------------------------------------------------------------------------------------------------------
     # The outer step (Algorithm 1, lines 8-12)
     # ------------------------------------------------------------------------------------------------------------
@@ -362,8 +512,9 @@ class DiLoCoStrategy(DDPStrategy):
         assert self.outer is not None
         module = self.lightning_module
         assert module is not None
+        self._follow_module()
         device = self._communication_device()
-        deltas = self.outer.pseudo_gradients(list(module.parameters()), device, self.fragments[fragment])  # 1.
+        deltas = self.outer.pseudo_gradients(device, self.fragments[fragment])  # 1.
         buffers = {}
         if fragment == self.num_fragments - 1:  # the last fragment also carries the float buffers
             buffers = {n: b.detach().to(device, torch.float32, copy=True) for n, b in float_buffers(module)}
@@ -398,7 +549,7 @@ class DiLoCoStrategy(DDPStrategy):
             for d in sync.deltas:
                 d.zero_()  # a poisoned worker sends exact zeros
         stats = average_across_workers(
-            sync.deltas, self.topology, self.compression, self.bucket_cap_mb, weight, max(total, 1e-12),
+            sync.deltas, self.topology, self.compression, self.outer_bucket_cap_mb, weight, max(total, 1e-12),
             self._feedback[sync.fragment] if weight else None,
         )
         if sync.buffers:
@@ -410,7 +561,7 @@ class DiLoCoStrategy(DDPStrategy):
                     b.zero_()
             healthy = float(sum(1 for w in sync.weights if w > 0))
             stats = stats + average_across_workers(
-                values, self.topology, "none", self.bucket_cap_mb, float(weight > 0), healthy, None
+                values, self.topology, "none", self.outer_bucket_cap_mb, float(weight > 0), healthy, None
             )
         sync.stats = stats
         return stats
@@ -566,6 +717,13 @@ class DiLoCoStrategy(DDPStrategy):
 
     def flush(self) -> None:
         """Apply every sync in flight and close every fragment's open round, so all workers hold the global weights."""
+        self._land_pending()
+        for fragment in range(self.num_fragments):
+            if self.step > self.last_sync[fragment]:
+                self.outer_step(fragment, overlap=False)
+
+    def _land_pending(self) -> None:
+        """Apply every sync in flight now."""
         while self._pending:
             sync = self._pending.popleft()
             if sync.step == self.step:
@@ -573,9 +731,48 @@ class DiLoCoStrategy(DDPStrategy):
                 # whole (without mixing), as no later sync of this fragment will carry what mixing would keep
                 sync.apply_at = sync.step
             self._apply(sync)
-        for fragment in range(self.num_fragments):
-            if self.step > self.last_sync[fragment]:
-                self.outer_step(fragment, overlap=False)
+
+    def _follow_module(self) -> None:
+        """Follow the module's parameters when something re-registered them since the outer state last looked.
+
+        ``torch.nn.utils.prune`` (Lightning's ``ModelPruning``) renames a pruned ``weight`` to ``weight_orig`` and adds
+        a ``weight_mask`` buffer; ``torch.nn.utils.parametrize`` moves a weight under ``parametrizations``. A tensor
+        the outer state already follows keeps its global value and outer optimizer state under its new name; anything
+        new takes rank 0's value on every worker, as at the start of ``fit`` (so every worker prunes with the same
+        mask). Syncs in flight land first, and error-feedback residuals start afresh.
+        """
+        module = self.lightning_module
+        if self.outer is None or module is None or not self.outer.changed(module):
+            return
+        self._land_pending()
+        self._check_same_parameters_on_every_worker(module)
+        fresh = self.outer.untracked(module)
+        if dist.is_initialized() and self.world_size > 1:
+            with torch.no_grad():
+                for tensor in fresh:
+                    dist.broadcast(tensor.data, src=0)
+        self.outer.follow(module)
+        self.fragments = split_into_fragments([p.numel() for p in self.outer.locals], self.num_fragments)
+        self._feedback = [ErrorFeedback() if self.error_feedback else None for _ in self.fragments]
+        rank_zero_info(
+            f"DiLoCoStrategy: the module's parameters changed at optimizer step {self._global_step()} (pruning or a"
+            f" parametrization); the outer state follows them, and {len(fresh)} new tensor(s) take rank 0's values."
+        )
+
+    def _check_same_parameters_on_every_worker(self, module: Module) -> None:
+        if not dist.is_initialized() or self.world_size == 1:
+            return
+        mine = [(name, tuple(t.shape)) for name, t in (*module.named_parameters(), *float_buffers(module))]
+        everyone: list[Any] = [None] * self.world_size
+        dist.all_gather_object(everyone, mine)
+        differ = [rank for rank, theirs in enumerate(everyone) if theirs != everyone[0]]
+        if differ:
+            raise RuntimeError(
+                f"The module's parameters changed differently on rank(s) {differ} than on rank 0 (names or shapes"
+                " differ), so DiLoCo's workers could no longer average them. Change parameters (pruning,"
+                " parametrizations) the same way on every process, for example from a callback hook that runs on all"
+                " ranks."
+            )
 
     @override
     def on_train_end(self) -> None:
@@ -599,9 +796,10 @@ class DiLoCoStrategy(DDPStrategy):
     @override
     def on_validation_start(self) -> None:
         super().on_validation_start()
-        if self.outer is not None and self.eval_weights == "global" and self._stashed_local is None:
+        if self._fitting and self.outer is not None and self.eval_weights == "global" and self._stashed_local is None:
             module = self.lightning_module
             assert module is not None
+            self._follow_module()
             self._stashed_local = _clone_state(module, self.outer.device)
             self.outer.copy_to(module)
 
@@ -623,6 +821,7 @@ class DiLoCoStrategy(DDPStrategy):
         if self.outer is None:
             return super().lightning_module_state_dict()
         assert self.lightning_module is not None
+        self._follow_module()
         return self.outer.module_state_dict(self.lightning_module)
 
     @override
@@ -634,13 +833,19 @@ class DiLoCoStrategy(DDPStrategy):
         All ranks call this (as Lightning does), since gathering is a collective. Syncs in flight are waited for
         (not applied): their means are saved and applied at their step after a resume.
         """
-        if self.outer is not None and "optimizer_states" in checkpoint:
+        if self._fitting and self.outer is None and "optimizer_states" in checkpoint:
+            # during the synchronous warm-up every worker holds the same state: Lightning's checkpoint has it all
+            checkpoint[CHECKPOINT_KEY] = {"version": _CHECKPOINT_VERSION, "warmup_taken": self.warmup_taken}
+        elif self.outer is not None and "optimizer_states" in checkpoint:
             pending = [self._finished(sync) for sync in self._pending]
             workers = self._gather_to_rank_zero(self._worker_state())
             if self.is_global_zero:
                 assert workers is not None
+                workers = workers[:: self.processes_per_worker]
+                workers[0]["optimizer_states"] = None  # rank 0's: Lightning's own `optimizer_states`
                 checkpoint[CHECKPOINT_KEY] = {
                     "version": _CHECKPOINT_VERSION,
+                    "warmup_taken": self.warmup_taken,
                     "inner_steps": self.inner_steps,
                     "num_fragments": self.num_fragments,
                     "num_workers": self.num_workers,
@@ -649,7 +854,7 @@ class DiLoCoStrategy(DDPStrategy):
                     "last_sync": list(self.last_sync),
                     "outer": self.outer.state_dict(),
                     "pending": pending,
-                    "workers": workers[:: self.processes_per_worker],
+                    "workers": workers,
                 }
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
@@ -710,7 +915,7 @@ class DiLoCoStrategy(DDPStrategy):
         ``w mod k_saved``.
         """
         state = checkpoint.get(CHECKPOINT_KEY)
-        if state is None or self.outer is None:
+        if state is None or not self._fitting:
             rank_zero_warn(
                 "The checkpoint has no DiLoCo state (it was written by another strategy or with weights only):"
                 " DiLoCo starts a new round from its weights, with a fresh outer optimizer, and every worker gets"
@@ -719,6 +924,16 @@ class DiLoCoStrategy(DDPStrategy):
             super().load_optimizer_state_dict(checkpoint)
             return
         _check_resumable(state, self)
+        # a checkpoint of the DiLoCo phase written by a run that had a warm-up has taken all of it
+        self.warmup_taken = int(state.get("warmup_taken", self.sync_warmup_steps if "outer" in state else 0))
+        if "outer" not in state:  # written during the synchronous warm-up: every worker held Lightning's state
+            super().load_optimizer_state_dict(checkpoint)
+            if self.outer is None and self.warmup_taken >= self.sync_warmup_steps:
+                self._start_diloco()
+            return
+        if self.outer is None:
+            self._start_diloco()  # the module holds the checkpoint's global weights
+        assert self.outer is not None
         module = self.lightning_module
         assert module is not None and self.topology is not None
         self.outer.load_state_dict(state["outer"])
@@ -727,7 +942,10 @@ class DiLoCoStrategy(DDPStrategy):
         saved_workers = state["workers"]
         same_workers = len(saved_workers) == self.num_workers
         worker = saved_workers[self.topology.worker % len(saved_workers)]
-        for optimizer, opt_state in zip(self.optimizers, worker["optimizer_states"]):
+        optimizer_states = worker["optimizer_states"]
+        if optimizer_states is None:  # worker 0's is Lightning's own
+            optimizer_states = checkpoint["optimizer_states"]
+        for optimizer, opt_state in zip(self.optimizers, optimizer_states):
             optimizer.load_state_dict(opt_state)
             _optimizer_to_device(optimizer, self.root_device)
         self._pending = deque(_restored_sync(p, self._communication_device()) for p in state["pending"])
@@ -827,6 +1045,24 @@ def _no_collective_per_step(trainer: "pl.Trainer") -> None:
 
 def _check_arguments(args: dict[str, Any]) -> None:
     """Refuse bad arguments with an error that names the argument and says what to do."""
+    accelerator = args["accelerator"]
+    if isinstance(accelerator, (bool, int, float, str)):
+        raise TypeError(
+            f"DiLoCoStrategy's first positional argument is DDPStrategy's `accelerator`, got {accelerator!r}. Pass"
+            f" DiLoCo's options by keyword, e.g. `DiLoCoStrategy(inner_steps={accelerator!r})`, and the accelerator as"
+            " `Trainer(accelerator=...)`."
+        )
+    if args["model_averaging_period"] is not None or _is_post_local_sgd(args["ddp_comm_state"]):
+        raise ValueError(
+            "`model_averaging_period` and a post-local SGD `ddp_comm_state` configure DDP's post-local SGD, another"
+            " periodic averaging of the workers' weights. DiLoCo is the periodic averaging here: remove them and set"
+            " the period with `inner_steps`."
+        )
+    warmup = args["sync_warmup_steps"]
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(
+            f"`sync_warmup_steps` must be an integer >= 0 (synchronous steps before DiLoCo starts), got {warmup!r}."
+        )
     inner_steps = args["inner_steps"]
     if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
         raise ValueError(
@@ -888,8 +1124,29 @@ def _check_arguments(args: dict[str, Any]) -> None:
             "`speed_weighted=True` works with whole-model, blocking outer steps. Use `num_fragments=1` and"
             " `overlap_steps=0` with it."
         )
-    if not args["bucket_cap_mb"] > 0:
-        raise ValueError(f"`bucket_cap_mb` must be positive, got {args['bucket_cap_mb']}.")
+    if not args["outer_bucket_cap_mb"] > 0:
+        raise ValueError(f"`outer_bucket_cap_mb` must be positive, got {args['outer_bucket_cap_mb']}.")
+
+
+def _is_post_local_sgd(state: Optional[object]) -> bool:
+    if state is None:
+        return False
+    from torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook import PostLocalSGDState
+
+    return isinstance(state, PostLocalSGDState)
+
+
+def _ddp_only_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments for ``DistributedDataParallel``, as ``DDPStrategy(**kwargs)`` takes them; anything else is
+    refused with the list of what is accepted."""
+    accepted = set(inspect.signature(DistributedDataParallel.__init__).parameters) - _DDP_KWARGS_SET_BY_STRATEGY
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise TypeError(
+            f"DiLoCoStrategy got unexpected keyword argument(s) {', '.join(f'`{k}`' for k in unknown)}. Besides its own"
+            f" options it takes DDPStrategy's and those of `DistributedDataParallel`: {', '.join(sorted(accepted))}."
+        )
+    return kwargs
 
 
 def _check_resumable(state: dict[str, Any], strategy: DiLoCoStrategy) -> None:
@@ -898,7 +1155,7 @@ def _check_resumable(state: dict[str, Any], strategy: DiLoCoStrategy) -> None:
             f"The checkpoint's DiLoCo state has version {state.get('version')!r}; this version of lightning-diloco"
             f" reads version {_CHECKPOINT_VERSION}. Resume with the version that wrote it."
         )
-    if state["num_fragments"] != strategy.num_fragments:
+    if "num_fragments" in state and state["num_fragments"] != strategy.num_fragments:
         raise ValueError(
             f"The checkpoint was written with `num_fragments={state['num_fragments']}` but this run has"
             f" `num_fragments={strategy.num_fragments}`. Resume with the same number of fragments."

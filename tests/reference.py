@@ -126,6 +126,7 @@ def simulate(
     computed: Optional[list[list[int]]] = None,
     num_steps: Optional[int] = None,
     start: Optional[StartState] = None,
+    warmup: int = 0,
 ) -> Simulation:
     """Replay ``indices[worker][batch]`` through k replicas that start from ``build_net(init_seed)``.
 
@@ -152,6 +153,10 @@ def simulate(
             then lists only the batches of computed steps.
         num_steps: the optimizer steps to run; ``len(indices[0]) // accumulate`` by default.
         start: resume from this state instead of ``build_net(init_seed)`` with a fresh outer optimizer.
+        warmup: W, synchronous steps first, as in DDP: every replica's gradient is replaced by the replicas' mean
+            (summed in worker order, divided by k) before the inner optimizers step. After step W every replica takes
+            replica 0's weights and buffers, the global weights are those, with no outer momentum, and DiLoCo's
+            steps (the sync schedule above) count from there.
 
     """
     threads = torch.get_num_threads()
@@ -159,7 +164,7 @@ def simulate(
     try:
         return _simulate(indices, init_seed, inner_steps, outer_lr, outer_momentum, nesterov, optimizer, lr,
                          accumulate, final_sync, fragments, overlap, mixing, compression, error_feedback, poison,
-                         computed, num_steps, start)
+                         computed, num_steps, start, warmup)
     finally:
         torch.set_num_threads(threads)
 
@@ -184,6 +189,7 @@ def _simulate(
     computed: Optional[list[list[int]]],
     num_steps: Optional[int],
     start: Optional[StartState],
+    warmup: int,
 ) -> Simulation:
     data = ToyData()
     k = len(indices)
@@ -313,16 +319,21 @@ def _simulate(
                 loss = nn.functional.mse_loss(nets[i](x), y) / accumulate
                 loss.backward()
             if micro == accumulate - 1:
+                if t <= warmup:
+                    average_gradients(params)
                 for i in range(k):
                     opts[i].step()  # without a gradient (a step that was not computed) nothing moves
                     opts[i].zero_grad()
                     computed_since[i] += int(active[i])
-                after_step(t)
+                if t == warmup:
+                    global_params, global_buffers = start_from_replica_zero(params, buffers)
+                if t > warmup:
+                    after_step(t - warmup)
                 sim.global_at[t] = _cat(global_params)
             for i in range(k):
                 sim.local[i].append(flat(nets[i]))
-    end = step + total_steps
-    if final_sync:
+    end = step + total_steps - warmup
+    if final_sync and end > 0:
         while in_flight:
             sync = in_flight.pop(0)
             land(sync, end, mixing if overlap and sync.started < end else 0.0)
@@ -332,6 +343,29 @@ def _simulate(
     sim.final = {f"net.{key}": v.detach().clone() for key, v in nets[0].state_dict().items()}
     sim.global_buffers = [b.clone() for b in global_buffers]
     return sim
+
+
+@torch.no_grad()
+def average_gradients(params: list[list[Tensor]]) -> None:
+    """DDP's step: every replica's gradient becomes the sum over replicas, in replica order, divided by their number."""
+    k = len(params)
+    for j in range(len(params[0])):
+        total = params[0][j].grad.clone()
+        for i in range(1, k):
+            total = total + params[i][j].grad
+        for i in range(k):
+            params[i][j].grad.copy_(total / k)
+
+
+@torch.no_grad()
+def start_from_replica_zero(params: list[list[Tensor]], buffers: list[list[Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
+    """Every replica takes replica 0's weights and buffers; they become the global ones."""
+    for i in range(1, len(params)):
+        for p, p0 in zip(params[i], params[0]):
+            p.copy_(p0)
+        for b, b0 in zip(buffers[i], buffers[0]):
+            b.copy_(b0)
+    return [p.detach().clone() for p in params[0]], [b.detach().clone() for b in buffers[0]]
 
 
 def nesterov_step(

@@ -7,10 +7,12 @@ here from a checkpoint's contents. The table of wrong inputs at the end is ``doc
 
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
 import warnings
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -179,7 +181,10 @@ def check_resume(ckpt: Path, resumed: list[dict[str, Any]], inner_steps: int, **
         kwargs: ``fragments`` and the other options of the run, for ``reference.simulate``.
 
     """
-    state = torch.load(ckpt, weights_only=False)["diloco"]
+    checkpoint = torch.load(ckpt, weights_only=False)
+    state = checkpoint["diloco"]
+    assert state["workers"][0]["optimizer_states"] is None  # worker 0's is Lightning's own
+    state["workers"][0]["optimizer_states"] = checkpoint["optimizer_states"]
     saved_k = len(state["workers"])
     assert saved_k != len(resumed)
     assert state["step"] > min(state["last_sync"])  # a round is open: the closing step has work to do
@@ -270,9 +275,15 @@ class Checkpoints:
         return path
 
     def flipped(self, name: str) -> Path:
-        """The checkpoint with one byte inverted in the middle (inside a tensor's bytes), its length unchanged."""
-        data = bytearray(self.get("diloco").read_bytes())
-        data[len(data) // 2] ^= 0xFF
+        """The checkpoint with one byte inverted in the middle of its largest tensor's bytes, its length unchanged."""
+        source = self.get("diloco")
+        with zipfile.ZipFile(source) as archive:
+            largest = max(archive.infolist(), key=lambda info: info.compress_size)
+        data = bytearray(source.read_bytes())
+        # a zip record's data follows its 30-byte local header, its file name and its extra field
+        name_length, extra_length = struct.unpack_from("<HH", data, largest.header_offset + 26)
+        start = largest.header_offset + 30 + name_length + extra_length
+        data[start + largest.compress_size // 2] ^= 0xFF
         path = self.root / f"{name}.ckpt"
         path.write_bytes(bytes(data))
         return path
@@ -377,7 +388,7 @@ BAD_INPUT = [
         r" `overlap_steps=0` with it\."),
     Bad("speed_weighted-with-overlap", _new(inner_steps=4, overlap_steps=1, speed_weighted=True), ValueError,
         r"`speed_weighted=True` works with whole-model, blocking outer steps\."),
-    Bad("bucket_cap_mb=0", _new(bucket_cap_mb=0), ValueError, r"`bucket_cap_mb` must be positive, got 0\."),
+    Bad("outer_bucket_cap_mb=0", _new(outer_bucket_cap_mb=0), ValueError, r"`outer_bucket_cap_mb` must be positive, got 0\."),
     # --- arguments that only meet the model, the trainer or the world at fit
     Bad("num_fragments>parameter-tensors", lambda t, c: _fit(DiLoCoStrategy(inner_steps=10, num_fragments=6)),
         ValueError, r"`num_fragments=6` is more than the model's 5 parameter tensors\. Use at most 5 fragments\."),

@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--sync-timeout", type=float, default=None)
     parser.add_argument("--outer-backend", default=None)
     parser.add_argument("--num-nodes", type=int, default=1)
+    parser.add_argument("--sync-warmup-steps", type=int, default=0)
     parser.add_argument("--val", type=int, default=1, help="validate at every epoch end")
     args = parser.parse_args()
     torch.set_num_threads(torch_threads)
@@ -62,6 +63,7 @@ def main() -> None:
             speed_weighted=args.speed_weighted,
             sync_timeout=args.sync_timeout,
             outer_backend=args.outer_backend,
+            sync_warmup_steps=args.sync_warmup_steps,
         )
     else:
         strategy = "ddp"
