@@ -332,3 +332,36 @@ def test_lightning_cli_flags_and_yaml(tmp_path, capsys):
     # DDP's keywords are explicit arguments; DistributedDataParallel's other ones are not dumped into the config
     assert "find_unused_parameters: false" in printed and "static_graph: false" in printed
     assert "check_reduction" not in printed and "process_group:" not in printed and "output_device" not in printed
+
+
+def _outer_step_warnings(strategy: DiLoCoStrategy, **trainer_kwargs: Any) -> list[str]:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(strategy, ToyModule(), **trainer_kwargs)
+    return [str(w.message) for w in caught if "The first outer step comes after" in str(w.message)]
+
+
+def test_warns_when_no_outer_step_falls_before_the_end():
+    (message,) = _outer_step_warnings(DiLoCoStrategy(), steps=20)  # the paper's H=500 on a 20-step run
+    assert "after 500 more optimizer steps" in message and "training ends after 20" in message
+    assert _outer_step_warnings(DiLoCoStrategy(inner_steps=20), steps=20) == []
+    (message,) = _outer_step_warnings(DiLoCoStrategy(inner_steps=10, sync_warmup_steps=15), steps=20)
+    assert "after 25 more optimizer steps" in message
+
+
+def test_warns_when_validation_comes_before_the_first_outer_step():
+    val = {"limit_val_batches": 1, "val_check_interval": 4, "check_val_every_n_epoch": None}
+    (message,) = _outer_step_warnings(DiLoCoStrategy(inner_steps=6), steps=12, **val)
+    assert "validation first runs after 4" in message and "untrained global weights" in message
+    assert _outer_step_warnings(DiLoCoStrategy(inner_steps=4), steps=12, **val) == []
+    assert _outer_step_warnings(DiLoCoStrategy(inner_steps=6, eval_weights="local"), steps=12, **val) == []
+    # with a warm-up the global weights are the synchronously trained ones, not untrained ones
+    assert _outer_step_warnings(DiLoCoStrategy(inner_steps=6, sync_warmup_steps=2), steps=12, **val) == []
+
+
+def test_processes_per_worker_is_checked_before_processes_start():
+    # the Trainer's constructor raises, in this one process, before `fit` would launch the other two
+    with pytest.raises(ValueError, match=r"`processes_per_worker=2` does not divide the 3 processes"):
+        L.Trainer(strategy=DiLoCoStrategy(processes_per_worker=2), accelerator="cpu", devices=3, logger=False)
