@@ -18,6 +18,7 @@ from lightning.fabric.strategies import _StrategyRegistry
 from lightning.fabric.utilities.distributed import _init_dist_connection
 from lightning.fabric.utilities.optimizer import _optimizer_to_device
 from lightning.pytorch.overrides.distributed import _sync_module_states
+from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
@@ -382,6 +383,27 @@ class DiLoCoStrategy(DDPStrategy):
     def on_train_start(self) -> None:
         super().on_train_start()
         self._warn_if_no_outer_step_in_time()
+        self._warn_about_per_step_collectives()
+
+    def _warn_about_per_step_collectives(self) -> None:
+        """Warn about Lightning callbacks that make every worker wait for rank 0 at every training step."""
+        module = self.lightning_module
+        assert module is not None
+        if self.world_size == 1:
+            return
+        per_step = []
+        for callback in module.trainer.callbacks:
+            if isinstance(callback, Timer) and callback._duration is not None and callback._interval == "step":
+                per_step.append("`Trainer(max_time=...)` / `Timer(interval='step')`")
+            if isinstance(callback, ModelCheckpoint) and callback._train_time_interval is not None:
+                per_step.append("`ModelCheckpoint(train_time_interval=...)`")
+        if per_step:
+            rank_zero_warn(
+                f"{' and '.join(per_step)} broadcast rank 0's decision at every training step: a collective per step"
+                " between all workers, which DiLoCo otherwise avoids (every worker then waits for the slowest at every"
+                " step). It works; to communicate only at outer steps use `Timer(interval='epoch')` or `max_steps`,"
+                " and `ModelCheckpoint(every_n_train_steps=...)`."
+            )
 
     def _warn_if_no_outer_step_in_time(self) -> None:
         """Warn when the first outer step comes after the end of training, or after a validation that then sees the

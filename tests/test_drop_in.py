@@ -238,3 +238,14 @@ def test_outer_state_follows_a_parametrization():
     outer.follow(model)
     (j,) = [i for i, t in enumerate(outer.locals) if t is weight]
     assert outer.names[j] == "1.parametrizations.weight.original"
+
+
+def test_per_step_broadcasts_of_lightning_callbacks_are_named(tmp_path):
+    """`max_time` makes Lightning's Timer broadcast rank 0's clock at every step; it works, and the user is told."""
+    run_script("train_toy.py", "--out", str(tmp_path / "timed"), "--max-time", "00:01:00:00", "--val", "0")
+    run_script("train_toy.py", "--out", str(tmp_path / "untimed"), "--val", "0")
+    said = "broadcast rank 0's decision at every training step"
+    for name, warned in (("timed", True), ("untimed", False)):
+        ranks = [torch.load(tmp_path / name / f"rank{r}.pt", weights_only=False) for r in range(2)]
+        assert any(said in w for w in ranks[0]["warnings"]) is warned
+        _assert_same_weights(ranks[0]["final"], ranks[1]["final"])

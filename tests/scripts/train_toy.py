@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--outer-backend", default=None)
     parser.add_argument("--num-nodes", type=int, default=1)
     parser.add_argument("--sync-warmup-steps", type=int, default=0)
+    parser.add_argument("--max-time", default=None, help="Trainer(max_time=...), e.g. 00:00:10:00")
     parser.add_argument("--val", type=int, default=1, help="validate at every epoch end")
     args = parser.parse_args()
     torch.set_num_threads(torch_threads)
@@ -79,6 +80,7 @@ def main() -> None:
         strategy=strategy,
         max_steps=args.max_steps,
         max_epochs=args.max_epochs,
+        max_time=args.max_time,
         accumulate_grad_batches=args.accumulate,
         callbacks=callbacks,
         logger=False,
