@@ -1,7 +1,8 @@
 """Plot the training and validation curves of several runs side by side.
 
-Each run is a directory written by Lightning's ``CSVLogger`` (``runs/<name>/`` with ``version_<n>/`` folders, the
-newest is used), a single ``version_<n>/`` folder, or a ``metrics.csv`` file::
+Each run is a directory written by Lightning's ``CSVLogger`` (``runs/<name>/`` with ``version_<n>/`` folders: the
+newest one with training metrics is used, and the script says which), a single ``version_<n>/`` folder, or a
+``metrics.csv`` file::
 
     python examples/plot_runs.py runs/tiny runs/tiny_ddp -o curves.png
 
@@ -23,25 +24,61 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def find_metrics(run: Path) -> Path:
+def find_metrics(run: Path, column: str = "train_loss") -> Path:
     """The ``metrics.csv`` of a run path (file, version folder, or logger folder with ``version_<n>`` children).
+
+    Of a logger folder's versions, the newest that logged ``column`` (training metrics by default) is taken, so that
+    a later ``validate``/``test`` run logged into a version of its own (for example with a checkpoint from outside the
+    run folder) is not taken for the training run; if none logged it, the newest version is taken.
+    :func:`choose_version` says which one and why.
+
+    Args:
+        run: The run path.
+        column: The metric a version must have logged to be taken.
+
+    Raises:
+        FileNotFoundError: If there is no ``metrics.csv``.
+    """
+    return choose_version(run, column)[0]
+
+
+def choose_version(run: Path, column: str = "train_loss") -> tuple[Path, Optional[str]]:
+    """``(metrics.csv, note)`` of a run path, as :func:`find_metrics` picks it.
+
+    ``note`` says which ``version_<n>`` of a logger folder was taken and why; it is ``None`` for a file or a version
+    folder, which are taken as given.
+
+    Args:
+        run: The run path.
+        column: The metric a version must have logged to be taken.
 
     Raises:
         FileNotFoundError: If there is no ``metrics.csv``.
     """
     if run.is_file():
-        return run
+        return run, None
     if (run / "metrics.csv").is_file():
-        return run / "metrics.csv"
-    versions = [p for p in run.glob("version_*") if (p / "metrics.csv").is_file()]
-    if versions:
+        return run / "metrics.csv", None
+    versions = sorted((p for p in run.glob("version_*") if (p / "metrics.csv").is_file()), key=_version_number)
+    if not versions:
+        raise FileNotFoundError(
+            f"No metrics.csv in {str(run)!r}. Pass a CSVLogger run directory or a metrics.csv file."
+        )
+    newest = versions[-1]
+    with_values = [p for p in versions if read_series(p / "metrics.csv", column)[1]]
+    if not with_values:
+        return newest / "metrics.csv", f"{run}: no version has `{column}` values; using the newest, {newest.name}"
+    chosen = with_values[-1]
+    note = f"{run}: using {chosen.name}, the newest version with `{column}` values"
+    skipped = [p.name for p in versions[versions.index(chosen) + 1 :]]
+    if skipped:
+        note += f" (newer without them: {', '.join(skipped)})"
+    return chosen / "metrics.csv", note
 
-        def number(path: Path) -> int:
-            match = re.fullmatch(r"version_(\d+)", path.name)
-            return int(match.group(1)) if match else -1
 
-        return max(versions, key=number) / "metrics.csv"
-    raise FileNotFoundError(f"No metrics.csv in {str(run)!r}. Pass a CSVLogger run directory or a metrics.csv file.")
+def _version_number(path: Path) -> int:
+    match = re.fullmatch(r"version_(\d+)", path.name)
+    return int(match.group(1)) if match else -1
 
 
 def read_series(path: Path, column: str) -> tuple[list[int], list[float]]:
@@ -99,7 +136,7 @@ def plot_runs(
     metric = "ppl" if perplexity else "loss"
     fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=False)
     for i, run in enumerate(runs):
-        path = find_metrics(Path(run))
+        path = find_metrics(Path(run), f"train_{metric}")
         label = labels[i] if labels is not None else _default_label(Path(run))
         train_steps, train_values = read_series(path, f"train_{metric}")
         val_steps, val_values = read_series(path, f"val_{metric}")
@@ -140,6 +177,11 @@ def _default_label(run: Path) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Command line: plot the runs, say which version of a logger folder each run used, and its final ``val_loss``.
+
+    Args:
+        argv: Command-line arguments; ``sys.argv[1:]`` when ``None``.
+    """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="Run directories or metrics.csv files.")
     parser.add_argument("-o", "--output", type=Path, default=Path("curves.png"), help="Image to write.")
@@ -148,15 +190,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--smooth", type=int, default=10, help="Moving-average window of the training curve.")
     parser.add_argument("--title", default=None, help="Figure title.")
     args = parser.parse_args(argv)
+    column = f"train_{'ppl' if args.ppl else 'loss'}"
+    chosen = [choose_version(Path(run), column) for run in args.runs]
     output = plot_runs(args.runs, args.output, args.labels, args.ppl, args.smooth, args.title)
-    summaries = []
-    for run in args.runs:
-        steps, values = read_series(find_metrics(run), "val_loss")
+    lines = [note for _, note in chosen if note]
+    for run, (path, _) in zip(args.runs, chosen):
+        steps, values = read_series(path, "val_loss")
         if values:
-            summaries.append(
-                f"{run}: final val_loss {values[-1]:.4f} (ppl {math.exp(values[-1]):.2f}) at step {steps[-1]}"
-            )
-    print("\n".join([*summaries, f"wrote {output}"]))
+            lines.append(f"{run}: final val_loss {values[-1]:.4f} (ppl {math.exp(values[-1]):.2f}) at step {steps[-1]}")
+    print("\n".join([*lines, f"wrote {output}"]))
 
 
 if __name__ == "__main__":

@@ -703,10 +703,7 @@ class LMDataModule(LightningDataModule):
             "fingerprint": self._fingerprint(),
         }
         _atomic_write_text(meta_path, json.dumps(meta, indent=1, default=str))
-        rank_zero_info(
-            "Token cache ready: "
-            + ", ".join(f"{s} {v['documents']} documents / {v['tokens']} tokens" for s, v in stats.items())
-        )
+        rank_zero_info(f"Token cache ready: {describe_splits(stats)}")
 
     def _build_tokenizer(self) -> Tokenizer:
         hp = self.hparams
@@ -825,6 +822,8 @@ class LMDataModule(LightningDataModule):
         self.train_dataset = self._packed("train", dtype)
         self.val_dataset = self._packed("val", dtype)
         self.test_dataset = self._packed("test", dtype) if meta["splits"]["test"]["documents"] else self.val_dataset
+        if stage == "test":
+            rank_zero_info(f"Testing on {describe_splits(meta['splits'], only='test')}")
 
     def _packed(self, split: str, dtype: np.dtype) -> PackedSequences:
         path = self.cache_path / f"{split}.bin"
@@ -915,6 +914,30 @@ class LMDataModule(LightningDataModule):
         return dataset
 
 
+def describe_splits(splits: dict[str, dict[str, int]], only: Optional[str] = None) -> str:
+    """``train 13 documents / 171479 tokens, ...`` for the ``splits`` of a cache's ``meta.json``.
+
+    A test split without documents is reported as what :meth:`LMDataModule.setup` uses in its place, the validation
+    split: ``test = val 1 documents / 2847 tokens (no test documents held out, test_fraction=0)``.
+
+    Args:
+        splits: ``{split: {"documents": n, "tokens": n}}``.
+        only: Describe this split alone.
+    """
+    parts = []
+    for split in (only,) if only is not None else _SPLITS:
+        counts = splits[split]
+        if split == "test" and not counts["documents"]:
+            val = splits["val"]
+            parts.append(
+                f"test = val {val['documents']} documents / {val['tokens']} tokens (no test documents held out, the"
+                " test loader reuses the validation documents; raise `test_fraction` for a split of its own)"
+            )
+        else:
+            parts.append(f"{split} {counts['documents']} documents / {counts['tokens']} tokens")
+    return ", ".join(parts)
+
+
 def _unique_suffix() -> str:
     """Distinguishes temporary files of processes that may share a file system (one per node runs prepare_data)."""
     return f"{socket.gethostname()}-{os.getpid()}"
@@ -955,7 +978,7 @@ def prepare_main(argv: Optional[list[str]] = None) -> Path:
     datamodule = LMDataModule(**data)
     datamodule.prepare_data()
     meta = json.loads((datamodule.cache_path / "meta.json").read_text())
-    print(f"{datamodule.cache_path}: " + json.dumps(meta["splits"]))
+    print(f"{datamodule.cache_path}: {describe_splits(meta['splits'])}")
     return datamodule.cache_path
 
 

@@ -242,6 +242,8 @@ class DiLoCoStrategy(DDPStrategy):
         self.step = 0  # optimizer steps taken under DiLoCo, after the warm-up
         self.last_sync: list[int] = []  # per fragment, the value of `step` at its last outer step
         self.last_metrics: dict[str, float] = {}  # the metrics of the latest outer step
+        # bytes this process sent since the start of training: in outer syncs, and in the synchronous warm-up
+        self.bytes_sent = {"outer": 0.0, "warmup": 0.0}
         self._fitting = False
         self._pending: deque[_Sync] = deque()
         self._executor: Optional[ThreadPoolExecutor] = None
@@ -334,6 +336,7 @@ class DiLoCoStrategy(DDPStrategy):
             raise ValueError(f"`outer_device={device}` needs CUDA, which is not available. Use `outer_device='cpu'`.")
         self.warmup_taken = 0
         self.outer = None
+        self.bytes_sent = {"outer": 0.0, "warmup": 0.0}
         self._warned_short_overlap = False
         if self.sync_warmup_steps == 0:
             self._start_diloco()
@@ -509,7 +512,7 @@ class DiLoCoStrategy(DDPStrategy):
 
         def closure_then_average() -> Any:
             result = closure()
-            average_gradients(module, self.outer_bucket_cap_mb)
+            self.bytes_sent["warmup"] += average_gradients(module, self.outer_bucket_cap_mb)
             return result
 
         output = super().optimizer_step(optimizer, closure_then_average, model, **kwargs)
@@ -712,6 +715,7 @@ class DiLoCoStrategy(DDPStrategy):
         drop outer steps that fall between two logging steps. ``last_metrics`` keeps them for callbacks.
         """
         assert self.outer is not None
+        self.bytes_sent["outer"] += stats.bytes_sent
         self.last_metrics = {
             "diloco/outer_step": float(self.outer.outer_step),
             "diloco/fragment": float(sync.fragment),
@@ -721,6 +725,7 @@ class DiLoCoStrategy(DDPStrategy):
             "diloco/exchange_seconds": sync.exchange_seconds,
             "diloco/comm_seconds": stats.seconds,
             "diloco/bytes_sent": float(stats.bytes_sent),
+            "diloco/bytes_sent_total": self.bytes_sent["outer"] + self.bytes_sent["warmup"],
             "diloco/healthy_workers": float(healthy),
         }
         if self.speed_weighted:
@@ -857,7 +862,9 @@ class DiLoCoStrategy(DDPStrategy):
         """
         if self._fitting and self.outer is None and "optimizer_states" in checkpoint:
             # during the synchronous warm-up every worker holds the same state: Lightning's checkpoint has it all
-            checkpoint[CHECKPOINT_KEY] = {"version": _CHECKPOINT_VERSION, "warmup_taken": self.warmup_taken}
+            checkpoint[CHECKPOINT_KEY] = {
+                "version": _CHECKPOINT_VERSION, "warmup_taken": self.warmup_taken, "bytes_sent": dict(self.bytes_sent)
+            }
         elif self.outer is not None and "optimizer_states" in checkpoint:
             pending = [self._finished(sync) for sync in self._pending]
             workers = self._gather_to_rank_zero(self._worker_state())
@@ -868,6 +875,7 @@ class DiLoCoStrategy(DDPStrategy):
                 checkpoint[CHECKPOINT_KEY] = {
                     "version": _CHECKPOINT_VERSION,
                     "warmup_taken": self.warmup_taken,
+                    "bytes_sent": dict(self.bytes_sent),
                     "inner_steps": self.inner_steps,
                     "num_fragments": self.num_fragments,
                     "num_workers": self.num_workers,
@@ -948,6 +956,7 @@ class DiLoCoStrategy(DDPStrategy):
         _check_resumable(state, self)
         # a checkpoint of the DiLoCo phase written by a run that had a warm-up has taken all of it
         self.warmup_taken = int(state.get("warmup_taken", self.sync_warmup_steps if "outer" in state else 0))
+        self.bytes_sent.update(state.get("bytes_sent", {}))
         if "outer" not in state:  # written during the synchronous warm-up: every worker held Lightning's state
             super().load_optimizer_state_dict(checkpoint)
             if self.outer is None and self.warmup_taken >= self.sync_warmup_steps:

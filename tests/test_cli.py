@@ -1,22 +1,31 @@
 """Tests of the command line interface, the configs and the plotting example."""
 
 import csv
+import importlib.util
+import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
+import torch
 import yaml
+from lightning.pytorch.callbacks import TQDMProgressBar
 
+from lightning_diloco import DiLoCoStrategy
 from lightning_diloco.cli import DiLoCoCLI, build_cli
 from lightning_diloco.data import LMDataModule
-from lightning_diloco.gpt import GPTLightningModule
+from lightning_diloco.gpt import GPT, GPTConfig, GPTLightningModule
+from lightning_diloco.progress import DiLoCoProgressBar, FitSummary
 
 ROOT = Path(__file__).parents[1]
 CONFIGS = ROOT / "configs"
-# keyword arguments of torch's DistributedDataParallel that must not leak into the strategy's options
-DDP_KWARGS = ("find_unused_parameters", "broadcast_buffers", "gradient_as_bucket_view", "static_graph")
+# DistributedDataParallel's keyword arguments that DDPStrategy passes through **kwargs: not the strategy's options
+DDP_KWARGS = ("check_reduction", "process_group", "output_device", "device_ids")
 
 
 @pytest.fixture(autouse=True)
@@ -25,7 +34,7 @@ def _plain_argv(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["lightning-diloco"])
 
 
-def _run(args, cwd, timeout=300):
+def _run(args, cwd, timeout=300, returncode=0):
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -33,8 +42,30 @@ def _run(args, cwd, timeout=300):
     }
     env.pop("PL_GLOBAL_SEED", None)
     proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert proc.returncode == 0, f"{' '.join(map(str, args))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == returncode, (
+        f"{' '.join(map(str, args))} exited with {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
     return proc
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _values(rows, column):
+    return [float(r[column]) for r in rows if r.get(column)]
+
+
+def _closing_line(output):
+    lines = [line for line in output.splitlines() if line.startswith("Run finished:")]
+    assert len(lines) == 1, output[-3000:]  # rank 0 only
+    return lines[0]
+
+
+def _amount(text):
+    value, unit = text.split()
+    return float(value) * {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}[unit]
 
 
 def test_print_config_shows_the_strategy_arguments(capsys, tmp_path):
@@ -45,7 +76,9 @@ def test_print_config_shows_the_strategy_arguments(capsys, tmp_path):
     strategy = config["trainer"]["strategy"]
     assert strategy["class_path"] == "lightning_diloco.DiLoCoStrategy"
     init_args = strategy["init_args"]
-    assert init_args["inner_steps"] == 50
+    written = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())["trainer"]["strategy"]["init_args"]
+    assert init_args["inner_steps"] == written["inner_steps"]
+    assert init_args["sync_warmup_steps"] == written["sync_warmup_steps"] > 0
     assert init_args["outer_lr"] == 0.7 and init_args["outer_momentum"] == 0.9 and init_args["outer_nesterov"] is True
     assert not set(DDP_KWARGS) & set(init_args), sorted(init_args)
     # vocab_size and block_size are linked from the data section, so they are not model options
@@ -66,7 +99,9 @@ def test_tiny_config_instantiates(tmp_path):
     assert cli.model.config.vocab_size == cli.datamodule.hparams.vocab_size == 2048
     assert cli.model.config.block_size == cli.datamodule.hparams.seq_len == 128
     assert isinstance(cli.trainer.strategy, DiLoCoStrategy)
-    assert cli.trainer.strategy.inner_steps == 50
+    written = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())["trainer"]["strategy"]["init_args"]
+    assert cli.trainer.strategy.inner_steps == written["inner_steps"]
+    assert cli.trainer.strategy.sync_warmup_steps == written["sync_warmup_steps"]
     assert cli.trainer.num_devices == 2 and cli.trainer.max_steps == 300
     assert cli.trainer.gradient_clip_val == 1.0
     assert cli.datamodule.source.dataset == "stdlib"
@@ -97,24 +132,46 @@ def test_other_configs_instantiate(name, tmp_path):
     assert ("ddp" in name) == (type(cli.trainer.strategy).__name__ == "DDPStrategy")
 
 
+#: the data and schedule of the shortened tiny runs (each of `fit`, `validate`, `test` takes them)
+TINY_DATA = [
+    "--data.max_chars=200000",
+    "--data.vocab_size=384",
+    "--data.seq_len=32",
+    "--data.batch_size=4",
+    "--trainer.limit_val_batches=2",
+    "--trainer.limit_test_batches=2",
+    "--trainer.enable_progress_bar=false",
+]
+
+
+def _tiny_config_checkpointing_every_2_steps(directory):
+    """configs/tiny.yaml with its ModelCheckpoint saving every 2 steps; all its other settings (save_last) kept."""
+    config = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
+    (checkpoint,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith(".ModelCheckpoint")]
+    checkpoint["init_args"]["every_n_train_steps"] = 2
+    path = directory / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+# the tiny config shortened: one synchronous step, then H=2; validation at step 4
+TINY_SHORT = [
+    "--trainer.strategy.init_args.inner_steps=2", "--trainer.strategy.init_args.sync_warmup_steps=1",
+    "--trainer.val_check_interval=4", "--trainer.log_every_n_steps=1", "--model.warmup_steps=2",
+]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """A real 2-process DiLoCo fit of the tiny config, shortened to 4 steps."""
+    """A real 2-process DiLoCo fit of the tiny config, shortened to 4 steps (checkpoints at steps 2 and 4)."""
     workdir = tmp_path_factory.mktemp("tiny_run")
+    config = _tiny_config_checkpointing_every_2_steps(workdir)
     args = [
         sys.executable, "-m", "lightning_diloco", "fit",
-        "--config", str(CONFIGS / "tiny.yaml"),
+        "--config", str(config),
+        *TINY_DATA,
         "--trainer.max_steps=4",
-        "--trainer.strategy.init_args.inner_steps=2",
-        "--trainer.val_check_interval=4",
-        "--trainer.limit_val_batches=2",
-        "--trainer.log_every_n_steps=1",
-        "--trainer.enable_progress_bar=false",
-        "--model.warmup_steps=2",
-        "--data.max_chars=200000",
-        "--data.vocab_size=384",
-        "--data.seq_len=32",
-        "--data.batch_size=4",
+        *TINY_SHORT,
         f"--data.cache_dir={workdir / 'cache'}",
     ]  # fmt: skip
     proc = _run(args, cwd=workdir)
@@ -154,3 +211,216 @@ def test_plot_runs(tiny_run, tmp_path):
         [sys.executable, str(ROOT / "examples" / "plot_runs.py"), str(empty)], capture_output=True, text=True
     )
     assert proc.returncode != 0 and "No metrics.csv" in proc.stderr
+
+
+def test_tiny_fit_ends_with_the_closing_line(tiny_run):
+    workdir, proc = tiny_run
+    rows = _rows(workdir / "runs" / "tiny" / "version_0" / "metrics.csv")
+    line = _closing_line(proc.stdout + proc.stderr)
+    assert line.startswith(f"Run finished: {os.path.join('runs', 'tiny', 'version_0')} | ")
+    assert f"val_ppl {_values(rows, 'val_ppl')[-1]:.2f}" in line
+    # the strategy logs every outer step's bytes; the line adds them up
+    sent = _values(rows, "diloco/bytes_sent")
+    assert len(sent) == 2 and f"in {len(sent)} outer steps)" in line  # after DiLoCo's step 2, and a final one
+    gpt = GPT(GPTConfig.from_preset("tiny", vocab_size=384, block_size=32))
+    params = gpt.num_parameters()
+    # one synchronous warm-up step: a ring all-reduce of the gradients and of a flag per parameter tensor
+    warmup = 2 * (2 - 1) / 2 * (params + len(list(gpt.parameters()))) * 4
+    assert _amount(line.split("DiLoCo ")[1].split(" (")[0]) == pytest.approx(sum(sent) + warmup, rel=5e-3)
+    assert _amount(line.split("(")[1].split(" in the synchronous warm-up")[0]) == pytest.approx(warmup, rel=5e-3)
+    ddp = 4 * 2 * (2 - 1) / 2 * params * 4  # 4 steps of a ring all-reduce of fp32 gradients among 2 workers
+    assert f"{params:,} fp32 gradients among 2 workers" in line
+    assert _amount(line.split("DDP would send ")[1].split(" for")[0]) == pytest.approx(ddp, rel=5e-3)
+
+
+def test_token_cache_message_reports_the_test_split_as_the_validation_split(tiny_run):
+    workdir, proc = tiny_run
+    (meta,) = (workdir / "cache").glob("*/meta.json")
+    splits = json.loads(meta.read_text())["splits"]
+    assert splits["test"]["documents"] == 0  # test_fraction=0: LMDataModule tests on the validation documents
+    (line,) = [x for x in (proc.stdout + proc.stderr).splitlines() if "Token cache ready" in x]
+    val = splits["val"]
+    assert f"test = val {val['documents']} documents / {val['tokens']} tokens" in line
+    assert "test 0 documents" not in line
+
+
+def test_tiny_config_keeps_one_copy_of_the_last_checkpoint(tiny_run):
+    workdir, _ = tiny_run
+    checkpoints = workdir / "runs" / "tiny" / "version_0" / "checkpoints"
+    files = [p for p in checkpoints.iterdir() if not p.is_symlink()]
+    assert len(files) == 1 and "step=4" in files[0].name, sorted(p.name for p in checkpoints.iterdir())
+    last = checkpoints / "last.ckpt"
+    assert last.is_symlink() and last.resolve() == files[0].resolve()
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
+
+
+def test_resume_from_the_last_link_and_the_final_outer_step_in_the_closing_line(tiny_run, tmp_path):
+    workdir, _ = tiny_run
+    last = workdir / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    args = [
+        str(Path(sys.executable).parent / "lightning-diloco"), "fit",
+        "--config", str(workdir / "tiny.yaml"),
+        *TINY_DATA,
+        "--trainer.max_steps=5",  # one step after the checkpoint: its round closes in the strategy's on_train_end
+        *TINY_SHORT,
+        f"--data.cache_dir={workdir / 'cache'}",
+        f"--ckpt_path={last}",
+    ]  # fmt: skip
+    proc = _run(args, cwd=tmp_path)
+    output = proc.stdout + proc.stderr
+    assert f"Restored all states from the checkpoint at {last}" in output
+    rows = _rows(tmp_path / "runs" / "tiny" / "version_0" / "metrics.csv")
+    assert [int(r["step"]) for r in rows if r.get("train_loss")] == [4]  # the 5th optimizer step alone
+    sent = _values(rows, "diloco/bytes_sent")
+    line = _closing_line(output)
+    assert len(sent) == 1 and "(1 outer steps)" in line and "for the same 1 steps" in line
+    assert _amount(line.split("DiLoCo ")[1].split(" (")[0]) == pytest.approx(sent[0], rel=5e-3)
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test"])
+def test_evaluation_logs_into_the_run_folder_of_its_checkpoint(tiny_run, subcommand):
+    workdir, _ = tiny_run
+    run = workdir / "runs" / "tiny" / "version_0"
+    training_metrics = (run / "metrics.csv").read_bytes()
+    args = [
+        str(Path(sys.executable).parent / "lightning-diloco"), subcommand,
+        "--config", str(workdir / "tiny.yaml"),
+        *TINY_DATA,
+        f"--data.cache_dir={workdir / 'cache'}",
+        "--ckpt_path", os.path.join("runs", "tiny", "version_0", "checkpoints", "last.ckpt"),
+    ]  # fmt: skip
+    proc = _run(args, cwd=workdir)
+    output = proc.stdout + proc.stderr
+    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]  # no new version without training metrics
+    assert (run / "metrics.csv").read_bytes() == training_metrics
+    evaluation = run / subcommand / "version_0"
+    assert f"logs to {os.path.join('runs', 'tiny', 'version_0', subcommand, 'version_0')}" in output
+    assert (evaluation / "config.yaml").is_file()
+    got = _values(_rows(evaluation / "metrics.csv"), f"{'val' if subcommand == 'validate' else 'test'}_loss")
+    # the checkpoint holds the weights of the fit's validation at step 4 (right after the outer step), and the test
+    # split is the validation split (test_fraction=0)
+    assert got == pytest.approx([_values(_rows(run / "metrics.csv"), "val_loss")[-1]], rel=1e-5)
+    assert "dirpath has changed" not in output
+    if subcommand == "test":
+        (meta,) = (workdir / "cache").glob("*/meta.json")
+        val = json.loads(meta.read_text())["splits"]["val"]
+        assert f"Testing on test = val {val['documents']} documents / {val['tokens']} tokens" in output
+
+
+def _plot_runs_module():
+    spec = importlib.util.spec_from_file_location("plot_runs", ROOT / "examples" / "plot_runs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plot_runs_takes_the_newest_version_with_training_metrics(tiny_run, tmp_path, capsys):
+    workdir, _ = tiny_run
+    runs = tmp_path / "runs" / "tiny"
+    (runs / "version_0").mkdir(parents=True)
+    shutil.copy(workdir / "runs" / "tiny" / "version_0" / "metrics.csv", runs / "version_0" / "metrics.csv")
+    for version, val_loss in ((1, 9.5), (10, 8.5)):  # what an evaluation-only run leaves: one validation row
+        (runs / f"version_{version}").mkdir()
+        (runs / f"version_{version}" / "metrics.csv").write_text(f"epoch,step,val_loss,val_ppl\n0,0,{val_loss},1\n")
+    plot_runs = _plot_runs_module()
+    plot_runs.main([str(runs), "-o", str(tmp_path / "curves.png")])
+    out = capsys.readouterr().out
+    assert "using version_0, the newest version with `train_loss` values" in out
+    assert "(newer without them: version_1, version_10)" in out
+    val = _values(_rows(runs / "version_0" / "metrics.csv"), "val_loss")
+    assert f"final val_loss {val[-1]:.4f}" in out
+    assert plot_runs.find_metrics(runs) == runs / "version_0" / "metrics.csv"
+    # with no version that trained, the newest is used, and said so
+    shutil.rmtree(runs / "version_0")
+    path, note = plot_runs.choose_version(runs)
+    assert path == runs / "version_10" / "metrics.csv" and "no version has `train_loss` values" in note
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Argument errors: one line
+# ------------------------------------------------------------------------------------------------------------------
+
+ARGUMENT_ERRORS = {
+    "inner_steps": ("--trainer.strategy.init_args.inner_steps=0", lambda: DiLoCoStrategy(inner_steps=0)),
+    "outer_momentum": ("--trainer.strategy.init_args.outer_momentum=2", lambda: DiLoCoStrategy(outer_momentum=2.0)),
+    "lr": ("--model.lr=-1", lambda: GPTLightningModule(lr=-1.0)),
+    "val_fraction": ("--data.val_fraction=2", lambda: LMDataModule(val_fraction=2.0)),
+    # raised by the strategy when the Trainer is built, before any process is started
+    "processes_per_worker": (
+        "--trainer.strategy.init_args.processes_per_worker=3",
+        lambda: L.Trainer(strategy=DiLoCoStrategy(processes_per_worker=3), accelerator="cpu", devices=2, logger=False),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(ARGUMENT_ERRORS))
+def test_argument_errors_print_one_line(name, tmp_path, capsys):
+    arg, build = ARGUMENT_ERRORS[name]
+    with pytest.raises((ValueError, TypeError)) as expected:
+        build()
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(["fit", "--config", str(CONFIGS / "tiny.yaml"), f"--data.cache_dir={tmp_path}", arg])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.endswith(f"lightning-diloco fit: error: {expected.value}\n") and "Traceback" not in err
+
+
+def test_errors_outside_the_package_keep_their_traceback(tmp_path):
+    with pytest.raises(ValueError, match="num_nodes"):  # Lightning's own
+        build_cli(["fit", "--config", str(CONFIGS / "tiny.yaml"), f"--data.cache_dir={tmp_path}",
+                   "--trainer.num_nodes=0"])
+
+
+def test_argument_error_of_the_console_script_is_one_line(tmp_path):
+    proc = _run(
+        [str(Path(sys.executable).parent / "lightning-diloco"), "fit", "--config", str(CONFIGS / "tiny.yaml"),
+         f"--data.cache_dir={tmp_path}", "--trainer.strategy.init_args.outer_momentum=2"],
+        cwd=tmp_path, returncode=2,
+    )
+    with pytest.raises(ValueError) as expected:
+        DiLoCoStrategy(outer_momentum=2.0)
+    assert proc.stderr.splitlines()[-1] == f"lightning-diloco fit: error: {expected.value}"
+    assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Progress bar and closing line by default; the strategy's help
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra, bar",
+    [
+        ([], DiLoCoProgressBar),
+        (["--trainer.enable_progress_bar=false"], None),
+        (["--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar"], TQDMProgressBar),
+    ],
+)
+def test_cli_adds_the_step_progress_bar_unless_configured_otherwise(extra, bar, tmp_path):
+    cli = build_cli(["--config", str(CONFIGS / "tiny.yaml"), f"--data.cache_dir={tmp_path}", *extra], run=False)
+    assert type(cli.trainer.progress_bar_callback) is (type(None) if bar is None else bar)
+    assert sum(isinstance(c, FitSummary) for c in cli.trainer.callbacks) == 1
+
+
+def _help(capsys, *args):
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(list(args))
+    assert exit_info.value.code in (0, None)
+    return capsys.readouterr().out
+
+
+def test_strategy_help_takes_a_registered_name(capsys):
+    by_class = _help(capsys, "fit", "--trainer.strategy.help", "lightning_diloco.DiLoCoStrategy")
+    assert "--trainer.strategy.inner_steps" in by_class
+    assert _help(capsys, "fit", "--trainer.strategy.help", "diloco") == by_class
+    ddp = _help(capsys, "fit", "--trainer.strategy.help", "lightning.pytorch.strategies.DDPStrategy")
+    assert _help(capsys, "fit", "--trainer.strategy.help=ddp") == ddp != by_class
+
+
+def test_fit_help_says_how_to_see_the_strategy_options(capsys):
+    text = " ".join(_help(capsys, "fit", "--help").split())
+    commands = set(re.findall(r"`(lightning-diloco fit --trainer\.strategy\.help \w+)`", text))
+    assert commands, text[:2000]
+    by_class = _help(capsys, "fit", "--trainer.strategy.help", "lightning_diloco.DiLoCoStrategy")
+    for command in commands:  # the command the help suggests prints DiLoCo's options
+        assert _help(capsys, *command.split()[1:]) == by_class

@@ -306,7 +306,8 @@ def test_registered_names_and_start_methods():
         assert trainer.strategy._start_method == method
 
 
-def test_lightning_cli_flags_and_yaml(tmp_path, capsys):
+def test_lightning_cli_flags_and_yaml(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["train.py"])  # the CLI's arguments come from `args`, not pytest's command line
     from lightning.pytorch.cli import LightningCLI
 
     base = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.logger=false"]

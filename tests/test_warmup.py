@@ -1,5 +1,6 @@
 """The synchronous warm-up (`sync_warmup_steps`): DDP's steps first, then DiLoCo from the shared state."""
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,11 @@ def test_resume_inside_the_warmup(tmp_path):
     full = _run(tmp_path / "full", *args)
     ckpt = tmp_path / "ckpt" / "epoch=0-step=8.ckpt"
     state = torch.load(ckpt, weights_only=False)["diloco"]
-    assert state == {"version": 1, "warmup_taken": 8}
+    # every warm-up step all-reduces the gradients (one fp32 bucket) and a flag per parameter tensor: a ring sends
+    # 2 (k - 1) / k of each
+    shapes = [tuple(t.shape) for k, t in full[0]["final"].items() if "running" not in k and "tracked" not in k]
+    per_step = 2 * (K - 1) * 4 * (sum(math.prod(s) for s in shapes) + len(shapes)) // K
+    assert state == {"version": 1, "warmup_taken": 8, "bytes_sent": {"outer": 0.0, "warmup": 8 * per_step}}
     resumed = _run(tmp_path / "resumed", *args[:4], "--resume", str(ckpt))
     for rank in range(K):
         for key, value in full[rank]["final"].items():

@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--outer-backend", default=None)
     parser.add_argument("--num-nodes", type=int, default=1)
     parser.add_argument("--sync-warmup-steps", type=int, default=0)
+    parser.add_argument("--summary", action="store_true", help="end fit with lightning_diloco.progress.FitSummary")
     parser.add_argument("--max-time", default=None, help="Trainer(max_time=...), e.g. 00:00:10:00")
     parser.add_argument("--val", type=int, default=1, help="validate at every epoch end")
     args = parser.parse_args()
@@ -69,6 +70,10 @@ def main() -> None:
     else:
         strategy = "ddp"
     callbacks = []
+    if args.summary:
+        from lightning_diloco.progress import FitSummary
+
+        callbacks.append(FitSummary())
     if args.ckpt_dir:
         callbacks.append(
             ModelCheckpoint(dirpath=args.ckpt_dir, every_n_epochs=1, save_top_k=-1, save_on_train_epoch_end=True)
@@ -100,6 +105,9 @@ def main() -> None:
     record["final"] = {k: v.clone() for k, v in model.state_dict().items()}
     record["warnings"] = [str(w.message) for w in caught]
     record["fragments"] = getattr(trainer.strategy, "fragments", None)
+    record["bytes_sent"] = getattr(trainer.strategy, "bytes_sent", None)
+    outer = getattr(trainer.strategy, "outer", None)
+    record["outer_steps"] = outer.outer_step if outer is not None else None
     os.makedirs(args.out, exist_ok=True)
     torch.save(record, os.path.join(args.out, f"rank{trainer.global_rank}.pt"))
 
