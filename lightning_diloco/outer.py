@@ -78,6 +78,7 @@ class OuterState:
         self.names: list[str] = []
         self.params: list[Parameter] = []
         self.buffers: dict[str, Tensor] = {}
+        self._local_buffers: dict[str, Tensor] = {}  # the module's buffers that `buffers` are the global values of
         self.follow(module)
         self.outer_step = 0
 
@@ -88,15 +89,14 @@ class OuterState:
             p is not q or p.shape != g.shape for p, q, g in zip(current, self.locals, self.params)
         ):
             return True
-        return {name: tuple(b.shape) for name, b in float_buffers(module)} != {
-            name: tuple(b.shape) for name, b in self.buffers.items()
-        }
+        # a buffer registered anew (a pruning mask recomputed) is another tensor under the same name
+        return {name: id(b) for name, b in float_buffers(module)} != {n: id(b) for n, b in self._local_buffers.items()}
 
     def untracked(self, module: Module) -> list[Tensor]:
         """``module``'s parameters and floating-point buffers that this state holds no global value for."""
         known = {id(p): g.shape for p, g in zip(self.locals, self.params)}
         fresh: list[Tensor] = [p for p in module.parameters() if known.get(id(p)) != p.shape]
-        fresh += [b for name, b in float_buffers(module) if name not in self.buffers or self.buffers[name].shape != b.shape]
+        fresh += [b for name, b in float_buffers(module) if self._local_buffers.get(name) is not b]
         return fresh
 
     @torch.no_grad()
@@ -117,10 +117,11 @@ class OuterState:
             for p in self.locals
         ]
         self.buffers = {
-            name: kept if (kept := self.buffers.get(name)) is not None and kept.shape == b.shape
+            name: self.buffers[name] if self._local_buffers.get(name) is b
             else b.detach().to(self.device, master_dtype(b.dtype), copy=True)
             for name, b in float_buffers(module)
         }
+        self._local_buffers = dict(float_buffers(module))
         self.optimizer = self._build_optimizer(self.params)
         if not isinstance(self.optimizer, Optimizer):
             raise TypeError(

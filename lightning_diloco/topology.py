@@ -2,26 +2,18 @@
 
 With ``processes_per_worker = G``, ranks ``[w*G, (w+1)*G)`` form worker ``w``. They train one replica together
 (DistributedDataParallel inside the worker, over ``intra``) and hold identical weights. Across workers only the
-outer sync talks: process ``j`` of every worker belongs to the cross-worker group ``outer`` number ``j``.
-
-The outer sync is bandwidth-optimal for groups: process ``j`` averages only slice ``j`` of the pseudo-gradient
-with the ``j``-th processes of the other workers, then the worker's processes share their slices over the fast
-local link. Each process sends ``1 / G`` of what a whole-world average would make it send over the slow link.
+outer sync talks: process ``j`` of every worker belongs to the cross-worker group ``outer`` number ``j``, so that
+process ``j`` can average slice ``j`` of the pseudo-gradient with the ``j``-th processes of the other workers
+(:mod:`lightning_diloco.workers`) and send ``1 / G`` of what a whole-world average would make it send.
 
 Every rank creates every group, in the same order (``torch.distributed.new_group`` is collective).
 """
 
-import math
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
 
-import torch
 import torch.distributed as dist
-from torch import Tensor
-
-from lightning_diloco.collectives import CommStats, average_
-from lightning_diloco.compression import ErrorFeedback
 
 
 @dataclass
@@ -103,40 +95,3 @@ def build_topology(
             if rank // g == w:
                 topology.intra, topology.intra_sync = intra, intra_sync
     return topology
-
-
-def average_across_workers(
-    tensors: list[Tensor],
-    topology: Topology,
-    compression: str,
-    bucket_cap_mb: float,
-    weight: float,
-    divisor: float,
-    error_feedback: Optional[ErrorFeedback],
-) -> CommStats:
-    """Average ``tensors`` across workers in place: ``sum_w weight_w * tensor_w / divisor``.
-
-    With one process per worker this is one (bucketed) average over ``topology.outer``. With G processes per worker,
-    process ``j`` averages slice ``j`` over its cross-worker group and the worker all-gathers the slices.
-    """
-    if topology.processes_per_worker == 1:
-        return average_(
-            tensors, compression, topology.outer, bucket_cap_mb, weight=weight, divisor=divisor,
-            error_feedback=error_feedback,
-        )
-    g, j = topology.processes_per_worker, topology.index_in_worker
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    chunk = math.ceil(flat.numel() / g)
-    padded = torch.zeros(chunk * g, dtype=flat.dtype, device=flat.device)
-    padded[: flat.numel()] = flat
-    mine = padded[j * chunk : (j + 1) * chunk].clone()
-    stats = average_(
-        [mine], compression, topology.outer, bucket_cap_mb, weight=weight, divisor=divisor,
-        error_feedback=error_feedback,
-    )
-    dist.all_gather_into_tensor(padded, mine, group=topology.intra_sync)
-    offset = 0
-    for t in tensors:
-        t.copy_(padded[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
-    return stats

@@ -100,8 +100,8 @@ def test_tiny_config_instantiates(tmp_path):
     assert cli.model.config.block_size == cli.datamodule.hparams.seq_len == 128
     assert isinstance(cli.trainer.strategy, DiLoCoStrategy)
     written = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())["trainer"]["strategy"]["init_args"]
-    assert cli.trainer.strategy.inner_steps == written["inner_steps"]
-    assert cli.trainer.strategy.sync_warmup_steps == written["sync_warmup_steps"]
+    assert cli.trainer.strategy.config.inner_steps == written["inner_steps"]
+    assert cli.trainer.strategy.config.sync_warmup_steps == written["sync_warmup_steps"]
     assert cli.trainer.num_devices == 2 and cli.trainer.max_steps == 300
     assert cli.trainer.gradient_clip_val == 1.0
     assert cli.datamodule.source.dataset == "stdlib"
@@ -126,7 +126,7 @@ def test_other_configs_instantiate(name, tmp_path):
         raw = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
         assert raw["trainer"]["precision"] == "bf16-mixed"
         if name == "c4_150m":
-            assert cli.trainer.strategy.inner_steps == 500
+            assert cli.trainer.strategy.config.inner_steps == 500
             outer = raw["trainer"]["strategy"]["init_args"]
             assert (outer["outer_lr"], outer["outer_momentum"], outer["outer_nesterov"]) == (0.7, 0.9, True)
     assert ("ddp" in name) == (type(cli.trainer.strategy).__name__ == "DDPStrategy")

@@ -34,7 +34,7 @@ def test_ddp_positional_arguments_come_first_in_ddps_order():
     accelerator = CPUAccelerator()
     strategy = DiLoCoStrategy(accelerator, [torch.device("cpu")] * 2)
     assert strategy.accelerator is accelerator and strategy.parallel_devices == [torch.device("cpu")] * 2
-    assert strategy.inner_steps == 500
+    assert strategy.config.inner_steps == 500
 
 
 def test_a_number_in_ddps_first_place_says_to_use_keywords():
@@ -52,7 +52,7 @@ def test_ddp_keywords_are_accepted_and_kept_for_the_workers_ddp():
         "find_unused_parameters": True, "static_graph": True, "gradient_as_bucket_view": True,
         "broadcast_buffers": False, "bucket_cap_mb": 10, "check_reduction": True,
     }
-    assert strategy._ddp_comm_hook is hook and strategy.inner_steps == 7 and strategy.outer_bucket_cap_mb == 128
+    assert strategy._ddp_comm_hook is hook and strategy.config.inner_steps == 7 and strategy.config.outer_bucket_cap_mb == 128
 
 
 def test_lightnings_registry_style_init_params_work():
@@ -105,14 +105,14 @@ def _roundtrip(strategy: DiLoCoStrategy) -> DiLoCoStrategy:
 
 def test_the_default_strategy_pickles_and_builds_the_same_outer_optimizer():
     copy = _roundtrip(DiLoCoStrategy(outer_lr=0.5, outer_momentum=0.8))
-    built = copy._outer_optimizer([nn.Parameter(torch.zeros(2))])
+    built = copy.config.build_outer_optimizer()([nn.Parameter(torch.zeros(2))])
     assert isinstance(built, torch.optim.SGD)
     assert (built.defaults["lr"], built.defaults["momentum"], built.defaults["nesterov"]) == (0.5, 0.8, True)
 
 
 def test_a_partial_outer_optimizer_pickles():
     copy = _roundtrip(DiLoCoStrategy(outer_optimizer=functools.partial(torch.optim.Adam, lr=0.01)))
-    built = copy._outer_optimizer([nn.Parameter(torch.zeros(2))])
+    built = copy.config.build_outer_optimizer()([nn.Parameter(torch.zeros(2))])
     assert isinstance(built, torch.optim.Adam) and built.defaults["lr"] == 0.01
 
 
@@ -127,7 +127,7 @@ def test_an_outer_optimizer_from_a_cli_class_path_pickles(tmp_path, monkeypatch)
     cli = LightningCLI(ToyModule, run=False, args=["--trainer.accelerator=cpu", "--trainer.logger=false",
                                                    f"--config={config}"])
     copy = _roundtrip(cli.trainer.strategy)
-    built = copy._outer_optimizer([nn.Parameter(torch.zeros(2))])
+    built = copy.config.build_outer_optimizer()([nn.Parameter(torch.zeros(2))])
     assert isinstance(built, torch.optim.SGD) and (built.defaults["lr"], built.defaults["momentum"]) == (0.3, 0.5)
 
 

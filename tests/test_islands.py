@@ -146,9 +146,8 @@ def test_worker_groups_equal_data_parallel_workers_of_the_reference(two_nodes):
 
 def test_batchnorm_statistics_of_a_worker_are_its_first_process(two_nodes):
     """DDP keeps the first process's BatchNorm statistics in a worker (it broadcasts them before every forward); the
-    outer step must average those, not take slice j of the buffers from process j.
-
-    Fails without the fix proposed in /tmp/helper5-strategy.patch (`_share_first_process_buffers`).
+    outer step must average those, not take slice j of the buffers from process j
+    (:meth:`~lightning_diloco.workers.ProcessGroupWorkers.average_buffers_` shares the first process's first).
     """
     sim = simulate_groups(_group_batches(two_nodes, PER_NODE), init_seed=1000, inner_steps=H)
     for record in two_nodes:

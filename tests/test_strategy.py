@@ -314,7 +314,7 @@ def test_lightning_cli_flags_and_yaml(tmp_path, capsys, monkeypatch):
     cli = LightningCLI(ToyModule, run=False, args=[*base, "--trainer.strategy=lightning_diloco.DiLoCoStrategy",
                                                    "--trainer.strategy.inner_steps=7",
                                                    "--trainer.strategy.outer_lr=0.5"])
-    assert isinstance(cli.trainer.strategy, DiLoCoStrategy) and cli.trainer.strategy.inner_steps == 7
+    assert isinstance(cli.trainer.strategy, DiLoCoStrategy) and cli.trainer.strategy.config.inner_steps == 7
     config = tmp_path / "config.yaml"
     config.write_text(
         "trainer:\n  strategy:\n    class_path: lightning_diloco.DiLoCoStrategy\n    init_args:\n"
@@ -323,8 +323,8 @@ def test_lightning_cli_flags_and_yaml(tmp_path, capsys, monkeypatch):
     )
     cli = LightningCLI(ToyModule, run=False, args=[*base, f"--config={config}"])
     strategy = cli.trainer.strategy
-    assert strategy.inner_steps == 11
-    built = strategy._outer_optimizer([torch.nn.Parameter(torch.zeros(2))])
+    assert strategy.config.inner_steps == 11
+    built = strategy.config.build_outer_optimizer()([torch.nn.Parameter(torch.zeros(2))])
     assert isinstance(built, torch.optim.Adam) and built.defaults["lr"] == 0.01
     with pytest.raises(SystemExit):
         LightningCLI(ToyModule, run=False, args=[*base, f"--config={config}", "--print_config"])

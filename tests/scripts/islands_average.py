@@ -1,7 +1,7 @@
 """The sliced outer sync of worker groups against a plain whole-world average (run under torchrun, gloo, CPU).
 
 Every rank builds the topology for several values of ``processes_per_worker`` (G), gives every process of a worker
-the same per-worker tensors, and records what :func:`~lightning_diloco.topology.average_across_workers` returned next
+the same per-worker tensors, and records what :meth:`~lightning_diloco.workers.ProcessGroupWorkers.average_` returned next
 to a plain ``all_reduce`` over the whole world of the same tensors. The test reads the records.
 """
 
@@ -16,7 +16,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from lightning_diloco.collectives import average_  # noqa: E402
-from lightning_diloco.topology import average_across_workers, build_topology  # noqa: E402
+from lightning_diloco.topology import build_topology  # noqa: E402
+from lightning_diloco.workers import ProcessGroupWorkers  # noqa: E402
 
 # odd sizes, so that the flat pseudo-gradient does not split evenly into G slices
 SHAPES = [(7, 3), (5,), (1,), (4, 4), (3, 2, 2)]
@@ -68,22 +69,22 @@ def main() -> None:
         k = topology.num_workers
         # plain average: every worker counted once; every worker's tensor is held by its G processes
         sliced = worker_tensors(worker)
-        stats = average_across_workers(sliced, topology, "none", 128.0, 1.0, float(k), None)
+        stats = ProcessGroupWorkers(topology).average_(sliced, "none", 128.0, 1.0, float(k), None)
         entry["sliced"], entry["sliced_bytes"] = sliced, stats.bytes_sent
         entry["whole"] = whole_world_mean(worker_tensors(worker), 1.0, float(k * g))
         # weighted, as speed-weighted rounds use it: worker w weighs w + 1
         weight, divisor = float(worker + 1), float(sum(range(1, k + 1)))
         weighted = worker_tensors(worker)
-        average_across_workers(weighted, topology, "none", 128.0, weight, divisor, None)
+        ProcessGroupWorkers(topology).average_(weighted, "none", 128.0, weight, divisor, None)
         entry["weighted"] = weighted
         entry["weighted_whole"] = whole_world_mean(worker_tensors(worker), weight, divisor * g)
         # a tiny bucket cap: many buckets must give the same result
         small = worker_tensors(worker)
-        average_across_workers(small, topology, "none", 16 / 2**20, 1.0, float(k), None)
+        ProcessGroupWorkers(topology).average_(small, "none", 16 / 2**20, 1.0, float(k), None)
         entry["small_buckets"] = small
         # lossy compression: the slices are quantized separately, so only closeness can be asked of it
         lossy = worker_tensors(worker)
-        average_across_workers(lossy, topology, "int8", 128.0, 1.0, float(k), None)
+        ProcessGroupWorkers(topology).average_(lossy, "int8", 128.0, 1.0, float(k), None)
         entry["int8"] = lossy
         record["by_g"][g] = entry
 

@@ -118,30 +118,36 @@ class FaultyStrategy(DiLoCoStrategy):
         super().__init__(**kwargs)
         self.fault = fault
 
-    def _armed(self, where: str) -> bool:
-        f = self.fault
-        return f is not None and f.where == where and f.rank == self.global_rank and self.step == f.step
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken (there is no warm-up here)."""
+        assert self.lightning_module is not None
+        return self.lightning_module.trainer.global_step
 
-    def outer_step(self, *args: Any, **kwargs: Any) -> None:
-        if not self._armed("in_sync"):
-            super().outer_step(*args, **kwargs)
-            return
+    def _armed(self, where: str, step: int) -> bool:
+        f = self.fault
+        return f is not None and f.where == where and f.rank == self.global_rank and step == f.step
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> Any:
+        step = self.step + 1  # the step this call takes, after which its outer step runs
+        if not self._armed("in_sync", step):
+            return super().optimizer_step(*args, **kwargs)
         real_all_reduce = dist.all_reduce
 
         def all_reduce_then_die(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             kwargs["async_op"] = True
             real_all_reduce(tensor, *args, **kwargs)  # in flight on gloo's thread: the other ranks are inside it
-            die(f"inside the outer step at step {self.step}")
+            die(f"inside the outer step at step {step}")
 
         dist.all_reduce = all_reduce_then_die  # type: ignore[assignment]
         try:
-            super().outer_step(*args, **kwargs)
+            super().optimizer_step(*args, **kwargs)
         finally:
             dist.all_reduce = real_all_reduce
-        die(f"at the end of the outer step at step {self.step} (it made no all_reduce call)")
+        die(f"at the end of the outer step at step {step} (it made no all_reduce call)")
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
-        if self._armed("in_checkpoint_write") and self.global_rank != 0:
+        if self._armed("in_checkpoint_write", self.step) and self.global_rank != 0:
             die(f"in save_checkpoint at step {self.step} while rank 0 waits for its state")
         if isinstance(self.checkpoint_io, FaultyCheckpointIO):
             self.checkpoint_io.step = self.step

@@ -1,0 +1,145 @@
+"""DiLoCo's options as one frozen object: every check and every default (the paper's among them) written once.
+
+:class:`DiLoCoConfig` is what ``DiLoCoStrategy(...)`` is made of besides DDP's own arguments. Its field defaults are
+the defaults of the strategy's signature too (the strategy reads them from here), so the paper's H=500, lr 0.7 and
+momentum 0.9 exist in one place. Building a config checks it: a bad value raises an error that names the argument,
+says what it got and what to do. It imports nothing from Lightning.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional, Union
+
+import torch
+
+from lightning_diloco.compression import COMPRESSOR_NAMES
+from lightning_diloco.outer import OuterOptimizerCallable, default_outer_optimizer
+
+
+@dataclass(frozen=True)
+class DiLoCoConfig:
+    """DiLoCo's options; see :class:`~lightning_diloco.DiLoCoStrategy` for what each does."""
+
+    inner_steps: int = 500
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    outer_nesterov: bool = True
+    outer_optimizer: Optional[OuterOptimizerCallable] = None
+    outer_device: Optional[Union[str, torch.device]] = None
+    sync_warmup_steps: int = 0
+    eval_weights: Literal["global", "local"] = "global"
+    compression: str = "none"
+    error_feedback: bool = False
+    num_fragments: int = 1
+    overlap_steps: int = 0
+    overlap_mixing: float = 0.5
+    processes_per_worker: int = 1
+    outer_backend: Optional[str] = None
+    sync_timeout: Optional[float] = None
+    nonfinite: Literal["skip", "raise"] = "skip"
+    speed_weighted: bool = False
+    outer_bucket_cap_mb: float = 128.0
+
+    def __post_init__(self) -> None:
+        _check_steps(self)
+        _check_outer_optimizer(self)
+        _check_sync(self)
+        if self.outer_device is not None:
+            try:
+                object.__setattr__(self, "outer_device", torch.device(self.outer_device))
+            except (RuntimeError, TypeError) as err:
+                raise ValueError(
+                    f"`outer_device={self.outer_device!r}` is not a device; use 'cpu', 'cuda' or 'cuda:N'."
+                ) from err
+
+    @property
+    def overlapped(self) -> bool:
+        """Whether syncs communicate in the background while inner steps go on (``overlap_steps > 0``)."""
+        return self.overlap_steps > 0
+
+    def build_outer_optimizer(self) -> OuterOptimizerCallable:
+        """The callable that builds the outer optimizer from the global parameters."""
+        if self.outer_optimizer is not None:
+            return self.outer_optimizer
+        return default_outer_optimizer(self.outer_lr, self.outer_momentum, self.outer_nesterov)
+
+
+def _is_int(value: object, low: int) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= low
+
+
+def _check_steps(config: DiLoCoConfig) -> None:
+    if not _is_int(config.sync_warmup_steps, 0):
+        raise ValueError(
+            "`sync_warmup_steps` must be an integer >= 0 (synchronous steps before DiLoCo starts), got"
+            f" {config.sync_warmup_steps!r}."
+        )
+    if not _is_int(config.inner_steps, 1):
+        raise ValueError(
+            "`inner_steps` must be an integer >= 1 (the optimizer steps between outer steps), got"
+            f" {config.inner_steps!r}."
+        )
+    lr, momentum = config.outer_lr, config.outer_momentum
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"`outer_lr` must be a positive number (the paper uses 0.7), got {lr!r}.")
+    if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
+        raise ValueError(f"`outer_momentum` must be in [0, 1) (the paper uses 0.9; 0 gives plain SGD), got {momentum!r}.")
+
+
+def _check_outer_optimizer(config: DiLoCoConfig) -> None:
+    if config.outer_optimizer is None:
+        return
+    if not callable(config.outer_optimizer):
+        raise TypeError(
+            "`outer_optimizer` must be a callable that takes the global parameters and returns a"
+            f" `torch.optim.Optimizer`, got {type(config.outer_optimizer).__name__}."
+        )
+    changed = [name for name in ("outer_lr", "outer_momentum", "outer_nesterov")
+               if getattr(config, name) != getattr(DEFAULTS, name)]
+    if changed:
+        raise ValueError(
+            f"{', '.join(f'`{n}`' for n in changed)} configure the default outer optimizer, which `outer_optimizer`"
+            " replaces. Set the learning rate and momentum inside `outer_optimizer` instead."
+        )
+
+
+def _check_sync(config: DiLoCoConfig) -> None:  # noqa: C901 (one check per option, in the order of the signature)
+    if config.eval_weights not in ("global", "local"):
+        raise ValueError(f"`eval_weights` must be 'global' or 'local', got {config.eval_weights!r}.")
+    if config.compression not in COMPRESSOR_NAMES:
+        raise ValueError(f"`compression` must be one of {', '.join(COMPRESSOR_NAMES)}; got {config.compression!r}.")
+    if config.error_feedback and config.compression == "none":
+        raise ValueError("`error_feedback=True` needs a lossy `compression` (for example 'int8'); 'none' loses nothing.")
+    for name in ("num_fragments", "processes_per_worker"):
+        if not _is_int(getattr(config, name), 1):
+            raise ValueError(f"`{name}` must be an integer >= 1, got {getattr(config, name)!r}.")
+    inner, overlap = config.inner_steps, config.overlap_steps
+    if not _is_int(overlap, 0) or overlap >= inner:
+        raise ValueError(
+            f"`overlap_steps` must be an integer in [0, inner_steps) = [0, {inner}), got {overlap!r}: a sync"
+            " must land before the same fragment syncs again."
+        )
+    if config.num_fragments > inner:
+        raise ValueError(
+            f"`num_fragments={config.num_fragments}` is more than `inner_steps={inner}`: fragments would share"
+            " sync steps. Use at most `inner_steps` fragments."
+        )
+    if not 0 <= config.overlap_mixing < 1:
+        raise ValueError(f"`overlap_mixing` must be in [0, 1), got {config.overlap_mixing!r}.")
+    if config.sync_timeout is not None and not config.sync_timeout > 0:
+        raise ValueError(f"`sync_timeout` must be a positive number of seconds, got {config.sync_timeout!r}.")
+    if config.nonfinite not in ("skip", "raise"):
+        raise ValueError(f"`nonfinite` must be 'skip' or 'raise', got {config.nonfinite!r}.")
+    if config.outer_backend not in (None, "gloo", "nccl", "mpi"):
+        raise ValueError(f"`outer_backend` must be 'gloo', 'nccl' or None, got {config.outer_backend!r}.")
+    if config.speed_weighted and (config.num_fragments > 1 or overlap > 0):
+        raise ValueError(
+            "`speed_weighted=True` works with whole-model, blocking outer steps. Use `num_fragments=1` and"
+            " `overlap_steps=0` with it."
+        )
+    if not config.outer_bucket_cap_mb > 0:
+        raise ValueError(f"`outer_bucket_cap_mb` must be positive, got {config.outer_bucket_cap_mb}.")
+
+
+#: the defaults, read by the strategy's signature
+DEFAULTS = DiLoCoConfig()

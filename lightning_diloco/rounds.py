@@ -1,0 +1,347 @@
+"""The round loop of DiLoCo (Douillard et al. 2023, Algorithm 1) for one worker, with no Lightning inside.
+
+After every inner step (:meth:`Rounds.after_inner_step`) the loop lands the syncs that are due, then starts the syncs
+of the fragments whose round ends at this step. A sync of a fragment is Algorithm 1's outer step:
+
+- :meth:`Rounds.start`: the pseudo-gradient ``delta = global - local`` (line 9), the census of the workers present
+  (:mod:`lightning_diloco.census`), and the mean of their pseudo-gradients (line 10), at once or on a background
+  thread (``overlap_steps``) while inner steps go on;
+- :meth:`Rounds.land`: the outer optimizer steps the global weights with that mean as gradient (line 11), and the
+  worker continues from the global weights (line 12; mixed with its local ones if the sync overlapped).
+
+:meth:`Rounds.land` is the one path by which a sync reaches the weights: for syncs that were due, for syncs still in
+flight at the end of ``fit`` (:meth:`Rounds.flush`), and for the round that a checkpoint written by another number
+of workers leaves open (:meth:`Rounds.close_round`). Who the workers are and how tensors travel between them is
+:mod:`lightning_diloco.workers`' business; the global weights and the outer optimizer are
+:class:`~lightning_diloco.outer.OuterState`'s.
+"""
+
+import math
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.nn import Module
+
+from lightning_diloco.census import Census, OuterSyncError
+from lightning_diloco.collectives import CommStats
+from lightning_diloco.config import DiLoCoConfig
+from lightning_diloco.fragments import Fragment, make_fragments
+from lightning_diloco.outer import OuterState, float_buffers
+from lightning_diloco.workers import Workers
+
+_SHORT_OVERLAP_SECONDS = 0.2  # a wait for an overlapped sync shorter than this is never warned about
+
+
+class SyncState(Enum):
+    IN_FLIGHT = "in flight"  # the census and the mean are being computed (on the sync thread, if it overlaps)
+    AVERAGED = "averaged"  # the workers' means are in `deltas` and `buffers`, ready to land
+
+
+@dataclass
+class Sync:
+    """One fragment's outer step, from the moment its pseudo-gradient leaves to the moment it lands.
+
+    Attributes:
+        fragment: whose sync it is.
+        started: the DiLoCo step after which it started.
+        lands_at: the step after which it lands (``started + overlap_steps``; ``started`` for a blocking sync).
+        deltas: this worker's pseudo-gradients, then the workers' mean.
+        buffers: this worker's floating-point buffers (with the fragment that carries them), then their mean.
+        state: where it is.
+        shares: every worker's share in the mean, from the census.
+        stats: what the mean cost; ``None`` for a sync whose mean an earlier run computed (restored from a checkpoint).
+
+    """
+
+    fragment: Fragment
+    started: int
+    lands_at: int
+    deltas: list[Tensor]
+    buffers: dict[str, Tensor]
+    state: SyncState = SyncState.IN_FLIGHT
+    shares: list[float] = field(default_factory=list)
+    stats: Optional[CommStats] = None
+    future: Optional["Future[None]"] = field(default=None, repr=False)
+    started_at: float = field(default_factory=time.perf_counter)
+    exchange_seconds: float = 0.0
+
+    @property
+    def overlapped(self) -> bool:
+        return self.lands_at > self.started
+
+    def wait(self) -> None:
+        """Wait until the mean is in (the sync thread's errors come back here, as :class:`OuterSyncError`)."""
+        if self.future is not None:
+            self.future.result()
+            self.future = None
+
+
+@dataclass
+class Landed:
+    """What landing a sync did, for the metrics."""
+
+    sync: Sync
+    outer_step: int
+    blocked_seconds: float
+    healthy: int
+
+
+class Rounds:
+    """The outer steps of one worker.
+
+    Args:
+        config: DiLoCo's options.
+        module: the worker's replica.
+        outer: the global weights and the outer optimizer, following ``module``'s parameters.
+        workers: the workers present, and the collectives between them.
+        census: this worker's side of the census.
+        device: where pseudo-gradients are built and sent.
+        executor: the sync thread of overlapped syncs (``None`` without overlap).
+        report: called with every landed sync.
+        restart_inner: clears this worker's inner optimizer state (when it was dropped from an outer step).
+        warn: rank zero's warning.
+        inform: rank zero's information.
+
+    """
+
+    def __init__(
+        self, config: DiLoCoConfig, module: Module, outer: OuterState, workers: Workers, census: Census,
+        device: torch.device, executor: Optional[ThreadPoolExecutor], report: Callable[[Landed], None],
+        restart_inner: Callable[[], None], warn: Callable[[str], None], inform: Callable[[str], None],
+    ) -> None:
+        self.config, self.module, self.outer, self.workers, self.census = config, module, outer, workers, census
+        self.device, self._executor = device, executor
+        self._report, self._restart_inner, self._warn, self._inform = report, restart_inner, warn, inform
+        self.fragments = self._make_fragments()
+        self.step = 0  # inner steps taken under DiLoCo
+        self.pending: deque[Sync] = deque()
+        self.warned_short_overlap = False
+
+    def _make_fragments(self, last_sync: Optional[Sequence[int]] = None) -> list[Fragment]:
+        numels = [p.numel() for p in self.outer.locals]
+        c = self.config
+        return make_fragments(numels, c.num_fragments, c.inner_steps, c.error_feedback, last_sync)
+
+    # -- the loop --------------------------------------------------------------------------------------------------
+
+    def after_inner_step(self) -> None:
+        """Land the syncs that are due, then start the syncs of the fragments whose round ends now."""
+        self.step += 1
+        while self.pending and self.pending[0].lands_at <= self.step:
+            self.land(self.pending.popleft())
+        for fragment in self.fragments:
+            if fragment.is_due(self.step, self.config.inner_steps):
+                self.start(fragment)
+
+    def start(self, fragment: Fragment, blocking: bool = False) -> None:
+        """Algorithm 1, lines 9-10: this worker's pseudo-gradient, then its mean over the workers present."""
+        self.follow_module()
+        deltas = self.outer.pseudo_gradients(self.device, fragment.params)  # line 9
+        buffers = {}
+        if fragment.carries_buffers:
+            buffers = {n: b.detach().to(self.device, torch.float32, copy=True) for n, b in float_buffers(self.module)}
+        row = self.census.row(deltas)  # read now: the step counters move on while a sync is in flight
+        overlap = 0 if blocking else self.config.overlap_steps
+        sync = Sync(fragment, self.step, self.step + overlap, deltas, buffers)
+        if overlap:  # line 10 on the sync thread, the census included: nothing waits for it here
+            assert self._executor is not None
+            sync.future = self._executor.submit(self._average, sync, row)
+            self.pending.append(sync)
+        else:
+            self._average(sync, row)  # line 10
+            self.land(sync)
+
+    def _average(self, sync: Sync, row: Tensor) -> None:
+        """The census, then the shared mean of ``sync``'s pseudo-gradients and buffers, in place."""
+        started = time.perf_counter()
+        try:
+            table = self.workers.gather_rows(row)
+        except RuntimeError as err:
+            raise self._failed(sync, err, in_census=True) from err
+        sync.shares = self.census.shares(table, sync.started)
+        sync.exchange_seconds = time.perf_counter() - started
+        try:
+            share, total = sync.shares[self.workers.index], sum(sync.shares)
+            if share == 0:
+                for d in sync.deltas:
+                    d.zero_()  # a dropped worker sends exact zeros
+            c = self.config
+            stats = self.workers.average_(
+                sync.deltas, c.compression, c.outer_bucket_cap_mb, share, max(total, 1e-12),
+                sync.fragment.feedback if share else None,
+            )
+            if sync.buffers:
+                healthy = float(sum(1 for s in sync.shares if s > 0))
+                stats = stats + self.workers.average_buffers_(
+                    list(sync.buffers.values()), c.outer_bucket_cap_mb, float(share > 0), healthy
+                )
+        except OuterSyncError:
+            raise
+        except RuntimeError as err:
+            raise self._failed(sync, err) from err
+        sync.stats, sync.state = stats, SyncState.AVERAGED
+
+    def land(self, sync: Sync) -> None:
+        """Algorithm 1, lines 11-12: the outer step of the global weights, and this worker restarts from them."""
+        waited = time.perf_counter()
+        sync.wait()
+        blocked = time.perf_counter() - waited
+        if sync.overlapped and self.step >= sync.lands_at and sync.stats is not None:
+            self._warn_if_overlap_too_short(sync, blocked, waited - sync.started_at)
+        healthy = sum(1 for s in sync.shares if s > 0)
+        mine = sync.shares[self.workers.index] > 0
+        fragment = sync.fragment
+        if healthy:
+            self.outer.step(sync.deltas, fragment.params)  # line 11
+        if sync.buffers:
+            self.outer.set_buffers(sync.buffers)
+        # an overlapped sync mixes; one with no inner step since it started holds all local progress, so lands whole
+        mixing = self.config.overlap_mixing if sync.overlapped and self.step > sync.started and mine else 0.0
+        self.outer.copy_to(self.module, fragment.params, mixing, buffers=bool(sync.buffers))  # line 12
+        if not mine:
+            self._restart_inner()
+        fragment.last_sync = sync.started
+        if fragment.carries_buffers:
+            self.census.next_round(self.workers.index)
+        self._report(Landed(sync, self.outer.outer_step, blocked, healthy))
+
+    def land_pending(self) -> None:
+        """Land every sync in flight now."""
+        while self.pending:
+            self.land(self.pending.popleft())
+
+    def flush(self) -> None:
+        """Land every sync in flight and close every open round, so that every worker holds the global weights."""
+        self.land_pending()
+        for fragment in self.fragments:
+            if fragment.has_open_round(self.step):
+                self.start(fragment, blocking=True)
+
+    @torch.no_grad()
+    def close_round(self, saved: list[dict[str, Tensor]]) -> None:
+        """Close every open round with the mean pseudo-gradient and buffers of the ``saved`` workers' local states
+        (``state_dict``s), as if they had sent them: how a checkpoint of another number of workers resumes."""
+        self.land_pending()
+        device = self.outer.device
+        means = [
+            torch.stack([g.detach() - w[n].to(device, g.dtype) for w in saved]).mean(dim=0)
+            for n, g in zip(self.outer.names, self.outer.params)
+        ]
+        buffers = {n: torch.stack([w[n].to(device, torch.float32) for w in saved]).mean(dim=0) for n in self.outer.buffers}
+        open_fragments = [f for f in self.fragments if f.has_open_round(self.step)]
+        carrier = next((f for f in reversed(open_fragments) if f.carries_buffers), None)
+        for fragment in open_fragments:
+            sync = Sync(fragment, self.step, self.step, [means[i] for i in fragment.params],
+                        dict(buffers) if fragment is carrier else {}, SyncState.AVERAGED, [1.0] * self.workers.count)
+            self.land(sync)
+        if carrier is None and buffers:
+            self.outer.set_buffers(buffers)
+            self.outer.copy_to(self.module, [], buffers=True)
+
+    # -- the module's parameters ------------------------------------------------------------------------------------
+
+    def follow_module(self) -> None:
+        """Follow the module's parameters when something re-registered them since the outer state last looked.
+
+        ``torch.nn.utils.prune`` (Lightning's ``ModelPruning``) renames a pruned ``weight`` to ``weight_orig`` and adds
+        a ``weight_mask`` buffer; ``torch.nn.utils.parametrize`` moves a weight under ``parametrizations``. A tensor
+        the outer state already follows keeps its global value and outer optimizer state under its new name; anything
+        new takes the first process's value on every worker, as at the start of ``fit`` (so every worker prunes with
+        the same mask). Syncs in flight land first, and error-feedback residuals start afresh.
+        """
+        if not self.outer.changed(self.module):
+            return
+        self.land_pending()
+        mine = [(name, tuple(t.shape)) for name, t in (*self.module.named_parameters(), *float_buffers(self.module))]
+        everyone = self.workers.gather_objects(mine)
+        differ = [rank for rank, theirs in enumerate(everyone) if theirs != everyone[0]]
+        if differ:
+            raise RuntimeError(
+                f"The module's parameters changed differently on rank(s) {differ} than on rank 0 (names or shapes"
+                " differ), so DiLoCo's workers could no longer average them. Change parameters (pruning,"
+                " parametrizations) the same way on every process, for example from a callback hook that runs on all"
+                " ranks."
+            )
+        fresh = self.outer.untracked(self.module)
+        self.workers.broadcast_(fresh)
+        self.outer.follow(self.module)
+        self.fragments = self._make_fragments([f.last_sync for f in self.fragments])
+        self._inform(
+            f"DiLoCoStrategy: the module's parameters changed at DiLoCo step {self.step} (pruning or a parametrization); the outer"
+            f" state follows them, and {len(fresh)} new tensor(s) take rank 0's values."
+        )
+
+    # -- errors and warnings ----------------------------------------------------------------------------------------
+
+    def _failed(self, sync: Sync, err: BaseException, in_census: bool = False) -> OuterSyncError:
+        timeout = self.config.sync_timeout
+        waited = f"sync_timeout={timeout}s" if timeout is not None else "no sync_timeout set"
+        what = f"step {sync.started}" if in_census else (
+            f"fragment {sync.fragment.index} started at optimizer step {sync.started}"
+        )
+        return OuterSyncError(
+            f"Outer step {self.outer.outer_step + 1} ({what}) failed while waiting for other workers: a peer is dead,"
+            f" stalled or unreachable ({waited}). Restart from the last checkpoint (torchrun --max-restarts does it by"
+            f" itself). Cause: {err}"
+        )
+
+    def _warn_if_overlap_too_short(self, sync: Sync, blocked: float, window: float) -> None:
+        """Warn once when the loop waited for an overlapped sync for a good part of its overlap window."""
+        if self.warned_short_overlap or blocked < max(_SHORT_OVERLAP_SECONDS, 0.25 * window):
+            return
+        self.warned_short_overlap = True
+        self._warn(
+            f"The outer sync of fragment {sync.fragment.index} started at step {sync.started} was not done after"
+            f" `overlap_steps={self.config.overlap_steps}` inner steps ({window:.3g} s): the training loop waited"
+            f" {blocked:.2f} s for it. Raise `overlap_steps` until a sync's communication fits in it, or send fewer"
+            " bytes (`compression`, `num_fragments`). `diloco/blocked_seconds` logs the wait at every outer step."
+        )
+
+    # -- checkpoints ------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step, every fragment's last sync, and the syncs in flight (waited for, not landed: they land at their
+        step after a resume)."""
+        pending = []
+        for sync in self.pending:
+            sync.wait()
+            pending.append({
+                "fragment": sync.fragment.index, "step": sync.started, "apply_at": sync.lands_at,
+                "shares": list(sync.shares), "deltas": [d.detach().cpu().clone() for d in sync.deltas],
+                "buffers": {n: b.detach().cpu().clone() for n, b in sync.buffers.items()},
+            })
+        return {"step": self.step, "last_sync": [f.last_sync for f in self.fragments], "pending": pending}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        for fragment, last in zip(self.fragments, state["last_sync"]):
+            fragment.last_sync = int(last)
+        self.pending = deque(
+            Sync(self.fragments[p["fragment"]], p["step"], p["apply_at"], [d.to(self.device) for d in p["deltas"]],
+                 {n: b.to(self.device) for n, b in p["buffers"].items()}, SyncState.AVERAGED,
+                 list(p.get("shares", p.get("weights", []))))
+            for p in state["pending"]
+        )
+
+
+def outer_step_metrics(landed: Landed) -> dict[str, float]:
+    """The metrics of one landed sync (see the README's list)."""
+    sync, stats = landed.sync, landed.sync.stats
+    return {
+        "diloco/outer_step": float(landed.outer_step),
+        "diloco/fragment": float(sync.fragment.index),
+        "diloco/pseudo_grad_norm": math.sqrt(sum(float(d.double().square().sum()) for d in sync.deltas)),
+        "diloco/sync_seconds": time.perf_counter() - sync.started_at,
+        "diloco/blocked_seconds": landed.blocked_seconds,
+        "diloco/exchange_seconds": sync.exchange_seconds,
+        "diloco/comm_seconds": stats.seconds if stats is not None else 0.0,
+        "diloco/bytes_sent": float(stats.bytes_sent) if stats is not None else 0.0,
+        "diloco/healthy_workers": float(landed.healthy),
+    }
