@@ -1,10 +1,7 @@
 """Checkpoint files that are either complete or absent, whenever the writing process is killed."""
 
-import errno
 import logging
 import os
-import secrets
-import socket
 import zipfile
 from pathlib import Path
 from typing import IO, Any, Callable, Optional
@@ -16,9 +13,9 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 from typing_extensions import override
 
-log = logging.getLogger(__name__)
+from lightning_diloco.io import atomic_write
 
-_TEMPORARY_SUFFIX = ".tmp"
+log = logging.getLogger(__name__)
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -29,12 +26,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file next to its final name and renames it into place when complete.
 
     A process killed at any moment (``SIGKILL``, a node lost, a preempted job) leaves either the previous file under
-    the final name or the new, complete one; never a truncated file that looks like a checkpoint. The steps are: write
-    ``.<name>.<pid>@<host>.<token>.tmp`` in the same directory, flush and ``fsync`` it, ``os.replace`` it onto the
-    final name (an atomic rename on POSIX file systems), and ``fsync`` the directory so the rename survives a power
-    loss. The temporary name starts with a dot and does not end in ``.ckpt``, so neither ``ModelCheckpoint`` nor
-    ``ckpt_path="last"`` ever take it for a checkpoint; a temporary file left by a killed process of this host is
-    deleted the next time a checkpoint of the same name is written.
+    the final name or the new, complete one; never a truncated file that looks like a checkpoint. The steps (those of
+    :func:`~lightning_diloco.io.atomic_write`) are: write ``.<name>.<pid>@<host>.<token>.tmp`` in the same directory,
+    flush and ``fsync`` it, ``os.replace`` it onto the final name (an atomic rename on POSIX file systems), and
+    ``fsync`` the directory so the rename survives a power loss. The temporary name starts with a dot and does not end
+    in ``.ckpt``, so neither ``ModelCheckpoint`` nor ``ckpt_path="last"`` ever take it for a checkpoint; a temporary
+    file left by a killed process of this host is deleted the next time a checkpoint of the same name is written.
 
     Loading a truncated or damaged file raises :class:`CorruptCheckpointError`, which names the file and says how to
     resume from another one. With ``verify_on_load=True`` (the default) every record's checksum is checked before
@@ -77,19 +74,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path)
             return
         local.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(local)
-        temporary = local.parent / f".{local.name}.{os.getpid()}@{_hostname()}.{secrets.token_hex(4)}.tmp"
-        try:
-            with open(temporary, "xb") as raw:
-                file = self._wrap_file(raw)
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(raw.fileno())
-            os.replace(temporary, local)
-        except BaseException:
-            _remove_quietly(temporary)
-            raise
-        _fsync_directory(local.parent)
+        with atomic_write(local) as raw:
+            file = self._wrap_file(raw)
+            torch.save(checkpoint, file)
+            file.flush()
         log.debug(f"Saved checkpoint {local} atomically")
 
     def _wrap_file(self, file: IO[bytes]) -> IO[bytes]:
@@ -150,64 +138,6 @@ def _local_path(path: _PATH) -> Optional[Path]:
     if "://" in text:
         return None
     return Path(text)
-
-
-def _hostname() -> str:
-    return socket.gethostname().replace("@", "_").replace(os.sep, "_") or "localhost"
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    """Delete the temporary files of ``path`` that processes of this host left behind when they were killed."""
-    prefix = f".{path.name}."
-    host = _hostname()
-    try:
-        names = os.listdir(path.parent)
-    except OSError:
-        return
-    for name in names:
-        if not (name.startswith(prefix) and name.endswith(_TEMPORARY_SUFFIX)):
-            continue
-        owner = name[len(prefix) : -len(_TEMPORARY_SUFFIX)]  # "<pid>@<host>.<token>"
-        pid_text, _, rest = owner.partition("@")
-        owner_host, _, token = rest.rpartition(".")
-        if owner_host != host or not pid_text.isdigit() or not token or _process_alive(int(pid_text)):
-            continue
-        log.info(f"Removing {path.parent / name}, a partial checkpoint left by process {pid_text}")
-        _remove_quietly(path.parent / name)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_quietly(path: Path) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-    except OSError as err:
-        log.warning(f"Could not remove the temporary checkpoint file {path}: {err}")
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename in ``directory`` durable; file systems that cannot sync a directory are skipped."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as err:
-        if err.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EACCES):
-            raise
-    finally:
-        os.close(fd)
 
 
 def _damage(path: _PATH) -> Optional[str]:

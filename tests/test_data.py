@@ -354,6 +354,49 @@ def test_too_few_documents_for_validation(tmp_path):
     dm = LMDataModule(data_files=str(tmp_path / "one.txt"), val_fraction=0.05, cache_dir=str(tmp_path / "cache"))
     with pytest.raises(ValueError, match="val_fraction"):
         dm.prepare_data()
+    # the trained tokenizer is kept; the token files written before the check are not
+    assert sorted(p.name for p in dm.cache_path.iterdir()) == ["tokenizer.json"]
+
+
+def test_interrupted_build_leaves_no_partial_files(tmp_path, monkeypatch, stdlib_dm):
+    """A build that fails while writing the token files leaves nothing a later run could take for a finished file."""
+    from lightning_diloco.data import tokens
+
+    for i in range(40):
+        _write(tmp_path / f"{i:02d}.txt", f"document {i} ".encode() * 20)
+    tokenizer_file = tmp_path / "tokenizer.json"
+    stdlib_dm.tokenizer.save(str(tokenizer_file))
+    settings = {
+        "data_files": str(tmp_path / "*.txt"),
+        "tokenizer_path": str(tokenizer_file),
+        "vocab_size": SMALL["vocab_size"],
+        "seq_len": 8,
+        "batch_size": 2,
+        "val_fraction": 0.1,
+        "cache_dir": str(tmp_path / "cache"),
+    }
+    assign_all = tokens.assign_splits
+
+    def interrupted(*args):
+        for n, tagged in enumerate(assign_all(*args)):
+            if n == 30:
+                raise RuntimeError("interrupted")
+            yield tagged
+
+    monkeypatch.setattr(tokens, "_ENCODE_CHUNK_DOCS", 4)  # some tokens reach the files before the failure
+    monkeypatch.setattr(tokens, "assign_splits", interrupted)
+    dm = LMDataModule(**settings)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        dm.prepare_data()
+    assert list(dm.cache_path.iterdir()) == []
+    monkeypatch.undo()
+    again = LMDataModule(**settings)
+    assert again.cache_path == dm.cache_path
+    again.prepare_data()
+    assert again.cache_hit is False
+    assert sorted(p.name for p in again.cache_path.iterdir()) == ["meta.json", "test.bin", "train.bin", "val.bin"]
+    again.setup("fit")
+    assert len(again.train_dataset) > 0
 
 
 def test_invalid_utf8_is_replaced(tmp_path):
