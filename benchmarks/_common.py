@@ -1,4 +1,4 @@
-"""Shared by the benchmarks: launching ``_train_gpt.py`` ranks, reading their results, the bytes formulas, tables."""
+"""Shared by the benchmarks: launching ``_train_gpt`` ranks, reading their results, the bytes formulas, tables."""
 
 from __future__ import annotations
 
@@ -13,19 +13,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
+from lightning_diloco.collectives import plan_buckets
+from lightning_diloco.compression import get_compressor
 
-from lightning_diloco.collectives import plan_buckets  # noqa: E402
-from lightning_diloco.compression import get_compressor  # noqa: E402
-
-WORKER = HERE / "_train_gpt.py"
+#: The repository root: the working directory of every process the benchmarks start, so that ``python -m`` finds
+#: this package there.
+ROOT = Path(__file__).resolve().parent.parent
+#: The benchmark worker, run as ``python -m`` (see :mod:`benchmarks._train_gpt`).
+WORKER = f"{__package__}._train_gpt"
 #: Wire bits per element without scales, the numbers the paper-style formula uses.
 NOMINAL_BITS = {"none": 32, "fp32": 32, "bf16": 16, "fp16": 16, "int8": 8, "int4": 4, "e3m0": 4}
 
 
 def free_port() -> int:
+    """A TCP port that is free on this machine now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -51,7 +52,7 @@ def run_plan(
     extra_env: Sequence[dict[str, str]] | None = None,
     timeout: float = 3600,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Launch ``world`` ranks of ``_train_gpt.py`` on ``runs`` and return ``{name: [rank 0 result, rank 1, ...]}``.
+    """Launch ``world`` ranks of the worker on ``runs`` and return ``{name: [rank 0 result, rank 1, ...]}``.
 
     ``prefixes[r]`` is put before rank ``r``'s command (e.g. ``["ip", "netns", "exec", "ns0"]``); ``per_node`` makes
     every rank a node of its own (``num_nodes=world, devices=1``), as on separate machines.
@@ -65,11 +66,9 @@ def run_plan(
     procs = []
     for rank in range(world):
         env = worker_env(rank, world, master_addr, port, per_node, **(extra_env[rank] if extra_env else {}))
-        command = [*(prefixes[rank] if prefixes else []), sys.executable, str(WORKER), "--plan", str(plan_file),
-                   "--out", str(out)]
+        command = [sys.executable, "-m", WORKER, "--plan", str(plan_file), "--out", str(out)]
         if prefixes:  # `ip netns exec` does not pass the environment through `env` changes of ours otherwise
-            command = [*prefixes[rank], "env", *(f"{k}={v}" for k, v in env.items() if k in _PASSED),
-                       sys.executable, str(WORKER), "--plan", str(plan_file), "--out", str(out)]
+            command = [*prefixes[rank], "env", *(f"{k}={v}" for k, v in env.items() if k in _PASSED), *command]
         log = open(out / f"rank{rank}.log", "w")
         procs.append((subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), log))
     failed = []
@@ -166,6 +165,7 @@ def window(result: dict[str, Any], start: int, end: int) -> dict[str, float]:
 
 
 def median(values: Sequence[float]) -> float:
+    """The median of ``values``."""
     return statistics.median(values)
 
 
@@ -180,6 +180,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def human_bytes(value: float) -> str:
+    """``value`` bytes in kB, MB or GB, three significant digits."""
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if abs(value) >= size:
             return f"{value / size:.3g} {unit}"

@@ -1,6 +1,7 @@
-"""Shared pieces of ``benchmarks/reproduce.py``: the experiment plan, the model wrapper and the evaluation.
+"""Shared pieces of :mod:`benchmarks.reproduce`: the experiment plan, the model wrapper and the evaluation.
 
-Nothing here starts processes; ``_repro_train.py`` runs the plans, ``reproduce.py`` drives and reports.
+Nothing here starts processes; ``_repro_train`` runs the plans, ``reproduce`` drives and reports. It imports nothing
+from this package, so that it also loads as a top-level module (``tests/test_reproduce.py`` does).
 """
 
 from __future__ import annotations

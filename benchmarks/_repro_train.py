@@ -1,13 +1,13 @@
 """Run a list of training runs that share a number of processes, one ``Trainer.fit`` after the other.
 
-    python benchmarks/_repro_train.py PLAN.json
+    python -m benchmarks._repro_train PLAN.json         # from the repository root
 
-``PLAN.json`` holds ``{"workers": k, "runs": [spec, ...]}`` (specs from ``_repro_lib.build_plan``). ``reproduce.py``
-starts the ``k`` processes at once with ``LOCAL_RANK``/``WORLD_SIZE``/``MASTER_PORT`` set, as torchrun would (started
-alone, Lightning starts the other ``k - 1`` by re-running this file). Every process runs the same list, so the
-processes and their process group are set up once for all of the runs. Rank 0 writes each run's result file as soon
-as that run is done; ``reproduce.py`` leaves finished runs out of the next plan, so a crash loses only the run in
-progress.
+``PLAN.json`` holds ``{"workers": k, "runs": [spec, ...]}`` (specs from ``_repro_lib.build_plan``).
+:mod:`benchmarks.reproduce` starts the ``k`` processes at once with ``LOCAL_RANK``/``WORLD_SIZE``/``MASTER_PORT`` set,
+as torchrun would (started alone, Lightning starts the other ``k - 1`` by re-running the same ``python -m`` command).
+Every process runs the same list, so the processes and their process group are set up once for all of the runs. Rank
+0 writes each run's result file as soon as that run is done; ``reproduce`` leaves finished runs out of the next plan,
+so a crash loses only the run in progress.
 """
 
 import json
@@ -18,22 +18,20 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.strategies import DDPStrategy
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lightning_diloco import DiLoCoStrategy
+from lightning_diloco.data import LMDataModule
 
-import lightning as L  # noqa: E402
-from lightning.pytorch.callbacks import Callback  # noqa: E402
-from lightning.pytorch.loggers import Logger  # noqa: E402
-from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
-
-import _repro_lib as lib  # noqa: E402
-from lightning_diloco import DiLoCoStrategy  # noqa: E402
-from lightning_diloco.data import LMDataModule  # noqa: E402
+from . import _repro_lib as lib
 
 
 class Recorder(Logger):
-    """Keeps the metrics every logger receives: the strategy's ``diloco/bytes_sent`` and the training loss."""
+    """Keeps the metrics every logger receives: the strategy's count of its bytes and the training loss."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -54,8 +52,8 @@ class Recorder(Logger):
         pass
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        if "diloco/bytes_sent" in metrics:
-            self.bytes_sent += float(metrics["diloco/bytes_sent"])
+        if "diloco/bytes_sent_total" in metrics:  # an outer step, with the bytes the strategy sent in this fit so far
+            self.bytes_sent = float(metrics["diloco/bytes_sent_total"])
             self.outer_syncs += 1
             self.pseudo_grad_norms.append((int(step or 0), float(metrics.get("diloco/pseudo_grad_norm", 0.0))))
         if "train_loss" in metrics:

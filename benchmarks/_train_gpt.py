@@ -1,10 +1,10 @@
 """Benchmark worker: train the GPT under one or more strategies and write what each rank measured as JSON.
 
-Run as a file, one process per rank (the benchmarks launch it with Lightning's environment variables, so Lightning
-starts no processes of its own)::
+Run as a module from the repository root, one process per rank (the benchmarks launch it with Lightning's
+environment variables, so Lightning starts no processes of its own)::
 
     MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 WORLD_SIZE=2 NODE_RANK=0 LOCAL_RANK=0 \\
-        python benchmarks/_train_gpt.py --plan plan.json --out results/      # and LOCAL_RANK=1 for rank 1
+        python -m benchmarks._train_gpt --plan plan.json --out results/      # and LOCAL_RANK=1 for rank 1
 
 or with no such variables for a single-process run. The plan is a JSON object::
 
@@ -13,14 +13,14 @@ or with no such variables for a single-process run. The plan is a JSON object::
 Every run of the plan is trained in turn by every rank (the process group is created by the first run and reused),
 with a fresh model, optimizer and Trainer, on random tokens (the step's compute does not depend on the data), so one
 launch can interleave the repeats of several configurations. Each rank writes ``<out>/<name>.rank<r>.json``: the
-time at the end of every optimizer step, the DiLoCo metrics of every outer step, the bytes DDP handed to its
-all-reduce, the collectives the training thread issued, and the peak RSS of the process.
+time at the end of every optimizer step with the strategy's own cumulative time by then (``trainer.strategy.timings``),
+the DiLoCo metrics of every outer step, the bytes DDP handed to its all-reduce, the collectives the training thread
+issued, and the peak RSS of the process.
 
 Keys of a run (defaults in ``RUN_DEFAULTS``): ``strategy`` (``"diloco"``, ``"ddp"`` or ``"auto"``), ``inner_steps``,
 ``compression``, ``fragments``, ``overlap``, ``mixing``, ``max_steps``, ``batch_size``, ``seq_len``, ``model`` (keyword
-arguments of :class:`~lightning_diloco.gpt.GPTLightningModule`), ``seed``, ``threads``, and ``strategy_file`` (a
-modified copy of ``lightning_diloco/strategy.py`` whose ``DiLoCoStrategy`` is used instead, to measure a change
-beside the original in the same launch).
+arguments of :class:`~lightning_diloco.gpt.GPTLightningModule`), ``seed``, ``threads`` and ``bucket_cap_mb`` (the
+strategy's ``outer_bucket_cap_mb``).
 """
 
 from __future__ import annotations
@@ -29,24 +29,22 @@ import argparse
 import json
 import os
 import resource
-import sys
 import threading
 import time
 import warnings
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.loggers.logger import Logger
+from torch.utils.data import DataLoader, TensorDataset
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from lightning.pytorch.loggers.logger import Logger  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
-
-import lightning_diloco  # noqa: E402, F401
-from lightning_diloco import DiLoCoStrategy  # noqa: E402
-from lightning_diloco.gpt import GPTLightningModule  # noqa: E402
+from lightning_diloco import DiLoCoStrategy
+from lightning_diloco.gpt import GPTLightningModule
+from lightning_diloco.strategy import Timings
 
 RUN_DEFAULTS: dict[str, Any] = {
     "strategy": "diloco",
@@ -150,92 +148,38 @@ def run_delay() -> float:
 
 
 class StepClock(L.Callback):
-    """Time at the end of every training batch (after the optimizer step and any outer step it triggered), the
-    collectives the training thread had issued by then, and the time the training thread spent inside outer steps."""
+    """What a rank measured by the end of every training batch (after the optimizer step and any outer step it took).
 
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self.thread_cpu: list[float] = []  # CPU seconds of the training thread
-        self.process_cpu: list[float] = []  # CPU seconds of the whole process (gloo and the sync thread included)
-        self.run_delay: list[float] = []  # seconds the training thread was runnable but waited for a CPU
-        self.collectives: list[int] = []
-        self.outer_seconds: list[float] = []  # cumulative, at the end of every batch
-        self.outer_cpu: list[float] = []  # cumulative: CPU seconds of the training thread in outer steps
-        self.exchange_seconds: list[float] = []  # cumulative: the part spent in the health/speed all-gather
-        self.outer_records: list[int] = []  # outer-step records logged by the end of every batch
-        # cumulative: time in DiLoCoStrategy.optimizer_step outside the parent strategy's optimizer step (the inner
-        # step), i.e. the strategy's own per-step work, outer steps included
-        self.own_seconds: list[float] = []
-        self._restore: tuple[type, Any] | None = None
-        self.logger: RecordingLogger | None = None
-        self._totals = {"outer": 0.0, "_exchange_weights": 0.0, "outer_cpu": 0.0, "_exchange_weights_cpu": 0.0,
-                        "optimizer_step": 0.0, "inner_step": 0.0}
-        self._depth = {"outer": 0, "_exchange_weights": 0}
+    Every series has one cumulative value per batch: the time (``times``), the CPU time of the training thread
+    (``thread_cpu``) and of the whole process, gloo and the sync thread included (``process_cpu``), the time the
+    training thread was runnable but waited for a CPU (``run_delay``), the collectives it issued
+    (``main_collectives``), the outer-step records the logger had (``outer_records``), and the strategy's own time
+    from ``trainer.strategy.timings`` (zeros under other strategies): in outer steps (``outer_seconds``, and their CPU
+    time ``outer_cpu``), in the census of blocking syncs (``exchange_seconds``), and in ``optimizer_step`` outside the
+    inner step (``own_seconds``).
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        strategy = trainer.strategy
-        if hasattr(strategy, "outer_step"):  # DiLoCoStrategy, or a copy from `strategy_file`
-            clock = self
-            # everything the training thread does for the outer syncs (outer_step calls _apply when it does not
-            # overlap: the outermost call is timed), and separately the health all-gather within it
-            for method in ("outer_step", "_apply", "_exchange_weights"):
-                original = getattr(strategy, method)
+    Args:
+        logger: the run's logger, whose outer-step records are counted.
 
-                def timed(*args: Any, _original: Any = original, _method: str = method, **kwargs: Any) -> Any:
-                    if threading.current_thread() is not threading.main_thread():
-                        return _original(*args, **kwargs)
-                    key = "_exchange_weights" if _method == "_exchange_weights" else "outer"
-                    clock._depth[key] += 1
-                    start, start_cpu = time.perf_counter(), time.thread_time()
-                    try:
-                        return _original(*args, **kwargs)
-                    finally:
-                        clock._depth[key] -= 1
-                        if clock._depth[key] == 0:
-                            clock._totals[key] += time.perf_counter() - start
-                            clock._totals[key + "_cpu"] += time.thread_time() - start_cpu
+    """
 
-                setattr(strategy, method, timed)
-            self._time_own_work(strategy)
-
-    def _time_own_work(self, strategy: Any) -> None:
-        """Time the strategy's ``optimizer_step`` and, within it, its parent's (the inner step) on the main thread."""
-        clock = self
-        parent = type(strategy).__mro__[1]
-        parent_step = parent.optimizer_step  # the plain function: the class attribute
-        own_step = strategy.optimizer_step
-
-        def timed(function: Any, key: str) -> Any:
-            def wrapper(*args: Any, **kwargs: Any) -> Any:
-                start = time.perf_counter()
-                try:
-                    return function(*args, **kwargs)
-                finally:
-                    clock._totals[key] += time.perf_counter() - start
-
-            return wrapper
-
-        self._restore = (parent, parent_step)
-        parent.optimizer_step = timed(parent_step, "inner_step")
-        strategy.optimizer_step = timed(own_step, "optimizer_step")
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._restore is not None:
-            parent, parent_step = self._restore
-            parent.optimizer_step = parent_step
-            self._restore = None
+    def __init__(self, logger: RecordingLogger) -> None:
+        self.logger = logger
+        self.series: defaultdict[str, list[float]] = defaultdict(list)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        self.times.append(time.perf_counter())
-        self.thread_cpu.append(time.thread_time())
-        self.run_delay.append(run_delay())
-        self.process_cpu.append(time.process_time())
-        self.collectives.append(COUNTER.main)
-        self.outer_seconds.append(self._totals["outer"])
-        self.outer_cpu.append(self._totals["outer_cpu"])
-        self.exchange_seconds.append(self._totals["_exchange_weights"])
-        self.own_seconds.append(self._totals["optimizer_step"] - self._totals["inner_step"])
-        self.outer_records.append(len(self.logger.outer) if self.logger else 0)
+        now = time.perf_counter()
+        strategy = trainer.strategy
+        timings = strategy.timings if isinstance(strategy, DiLoCoStrategy) else Timings()
+        sample = {
+            "times": now, "thread_cpu": time.thread_time(), "run_delay": run_delay(),
+            "process_cpu": time.process_time(),
+            "main_collectives": COUNTER.main, "outer_records": len(self.logger.outer),
+            "outer_seconds": timings.outer_seconds, "outer_cpu": timings.outer_cpu_seconds,
+            "exchange_seconds": timings.exchange_seconds, "own_seconds": timings.own_seconds,
+        }
+        for key, value in sample.items():
+            self.series[key].append(value)
 
 
 class DDPBucketBytes(L.Callback):
@@ -262,27 +206,14 @@ class DDPBucketBytes(L.Callback):
 
 
 def random_tokens(num_samples: int, seq_len: int, vocab_size: int, seed: int) -> TensorDataset:
+    """``num_samples`` sequences of ``seq_len + 1`` random token ids below ``vocab_size``, from ``seed``."""
     generator = torch.Generator().manual_seed(seed)
     return TensorDataset(torch.randint(0, vocab_size, (num_samples, seq_len + 1), generator=generator))
 
 
 def collate(samples: list[tuple[torch.Tensor]]) -> torch.Tensor:
+    """A batch of token sequences from the dataset's one-tensor samples."""
     return torch.stack([s[0] for s in samples])
-
-
-def _strategy_class(path: str | None) -> type:
-    """``DiLoCoStrategy``, or the one defined in another copy of ``strategy.py`` (to compare a change side by side)."""
-    if not path:
-        return DiLoCoStrategy
-    import importlib.util
-
-    name = "_benchmarked_strategy_" + str(abs(hash(path)))
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules[name].DiLoCoStrategy
 
 
 def train(run: dict[str, Any], devices: int, num_nodes: int) -> dict[str, Any]:
@@ -299,15 +230,14 @@ def train(run: dict[str, Any], devices: int, num_nodes: int) -> dict[str, Any]:
     loader = DataLoader(random_tokens(samples, seq_len, vocab, run["seed"]), batch_size=run["batch_size"],
                         collate_fn=collate, drop_last=True)
     if run["strategy"] == "diloco":
-        strategy_class = _strategy_class(run.get("strategy_file"))
-        strategy: Any = strategy_class(
+        strategy: Any = DiLoCoStrategy(
             inner_steps=run["inner_steps"], compression=run["compression"], num_fragments=run["fragments"],
             overlap_steps=run["overlap"], overlap_mixing=run["mixing"], outer_bucket_cap_mb=run["bucket_cap_mb"],
         )
     else:
         strategy = run["strategy"]
-    clock, ddp_bytes, logger = StepClock(), DDPBucketBytes(), RecordingLogger()
-    clock.logger = logger
+    logger = RecordingLogger()
+    clock, ddp_bytes = StepClock(logger), DDPBucketBytes()
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, num_nodes=num_nodes, strategy=strategy, max_steps=run["max_steps"],
         logger=logger, callbacks=[clock, ddp_bytes], enable_checkpointing=False, enable_progress_bar=False,
@@ -316,10 +246,9 @@ def train(run: dict[str, Any], devices: int, num_nodes: int) -> dict[str, Any]:
     )
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     trainer.fit(module, train_dataloaders=loader)
-    strategy_obj = trainer.strategy
     extra_state = 0
-    if getattr(strategy_obj, "outer", None) is not None:
-        outer = strategy_obj.outer
+    outer = trainer.strategy.outer if isinstance(trainer.strategy, DiLoCoStrategy) else None
+    if outer is not None:
         tensors = list(outer.params) + list(outer.buffers.values())
         for state in outer.optimizer.state.values():
             tensors += [t for t in state.values() if isinstance(t, torch.Tensor)]
@@ -331,16 +260,7 @@ def train(run: dict[str, Any], devices: int, num_nodes: int) -> dict[str, Any]:
         "num_parameters": sum(p.numel() for p in module.parameters()),
         "parameter_numels": [p.numel() for p in module.parameters()],
         "tokens_per_step": run["batch_size"] * seq_len,
-        "times": clock.times,
-        "thread_cpu": clock.thread_cpu,
-        "process_cpu": clock.process_cpu,
-        "run_delay": clock.run_delay,
-        "main_collectives": clock.collectives,
-        "outer_seconds": clock.outer_seconds,
-        "outer_cpu": clock.outer_cpu,
-        "exchange_seconds": clock.exchange_seconds,
-        "own_seconds": clock.own_seconds,
-        "outer_records": clock.outer_records,
+        **clock.series,
         "loadavg": os.getloadavg(),
         "background_collectives": COUNTER.background,
         "collective_names": dict(COUNTER.names),
@@ -355,6 +275,7 @@ def train(run: dict[str, Any], devices: int, num_nodes: int) -> dict[str, Any]:
 
 
 def main() -> None:
+    """Train every run of ``--plan`` and write this rank's measurements of each to ``--out``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--plan", required=True, help="JSON file: {devices, num_nodes, runs: [...]}")
     parser.add_argument("--out", required=True, help="folder for <name>.rank<r>.json")

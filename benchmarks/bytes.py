@@ -7,28 +7,25 @@ strategy's own ``diloco/bytes_sent`` from a short run of ``k`` real processes (g
 tiny GPT, and for DDP the bytes of the gradient buckets its reducer hands to the all-reduce (a comm hook), times the
 ring factor. The paper's 150M model is counted on the meta device (formula only).
 
-    python benchmarks/bytes.py                      # k = 2 and 8 measured; about 3-4 minutes on 2 CPU cores
-    python benchmarks/bytes.py --measure-k 2        # quicker
+    python -m benchmarks.bytes                      # k = 2 and 8 measured; about 3-4 minutes on 2 CPU cores
+    python -m benchmarks.bytes --measure-k 2        # quicker
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-from _common import NOMINAL_BITS, exact_sync_bytes, human_bytes, ring_bytes, run_plan, table  # noqa: E402
+from lightning_diloco.compression import COMPRESSOR_NAMES
+from lightning_diloco.fragments import split_into_fragments
+from lightning_diloco.gpt import GPT, GPTConfig
 
-import torch  # noqa: E402
-
-from lightning_diloco.compression import COMPRESSOR_NAMES  # noqa: E402
-from lightning_diloco.fragments import split_into_fragments  # noqa: E402
-from lightning_diloco.gpt import GPT, GPTConfig  # noqa: E402
+from ._common import NOMINAL_BITS, exact_sync_bytes, human_bytes, ring_bytes, run_plan, table
 
 
 def meta_numels(preset: str) -> list[int]:
@@ -77,6 +74,15 @@ def measure(k: int, compressions: list[str], fragments: list[int], inner_steps: 
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Measure, print both tables and return (and optionally write to ``--json``) every number.
+
+    Args:
+        argv: the command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The report: parameter counts, one row per model, k and method, the fragments' peaks, the raw measurements.
+
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--measure-k", type=int, nargs="*", default=[2, 8], help="worker counts to run for real")
     parser.add_argument("--compressions", nargs="+", default=list(COMPRESSOR_NAMES), choices=COMPRESSOR_NAMES)

@@ -5,9 +5,10 @@ every IP packet that leaves one TUN into the other after holding it ``--delay-ms
 that). The rate limit is the kernel's token bucket filter (``tc qdisc ... tbf``) on each TUN's egress, so the link
 is ``--rate-mbit`` in each direction and packets wait (or drop) in the kernel's queue as on a real bottleneck.
 
-Run as root, as a child of :mod:`slow_link` (which creates and deletes the namespaces)::
+Run as root from the repository root, as a child of :mod:`benchmarks.slow_link` (which creates and deletes the
+namespaces)::
 
-    python benchmarks/netlink_relay.py --ns dl0 dl1 --dev dl0tun dl1tun --addr 10.77.0.1 10.77.0.2 \\
+    python -m benchmarks.netlink_relay --ns dl0 dl1 --dev dl0tun dl1tun --addr 10.77.0.1 10.77.0.2 \\
         --delay-ms 20 --rate-mbit 100
 
 It prints ``READY`` once both ends are up and relays until it gets SIGTERM/SIGINT or its stdin closes; the TUN

@@ -15,22 +15,22 @@ artefact here: two identical runs side by side differ by up to 10%). The ratio i
 Peak memory (RSS of a fresh process running one fit, Python, torch and Lightning included: the CPU allocator keeps no
 statistics of its own) is measured in separate fresh processes.
 
-    python benchmarks/overhead.py                 # about 8 minutes on 2 CPU cores (12 when they are busy)
+    python -m benchmarks.overhead                 # about 8 minutes on 2 CPU cores (12 when they are busy)
+
+The strategy's own time is what it measures itself (``trainer.strategy.timings.own_seconds``: the time in
+``DiLoCoStrategy.optimizer_step`` outside the inner step), read at the end of every batch.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import human_bytes, median, run_plan, table, window  # noqa: E402
+from ._common import human_bytes, median, run_plan, table, window
 
 SIDES = ("lightning", "diloco")
 
@@ -41,6 +41,7 @@ def one(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def measure(result: dict[str, Any], h: int, steps: int) -> dict[str, float]:
+    """One fit's numbers over whole rounds, from the end of step ``h`` to the end of step ``steps``."""
     w = window(result, h, steps)
     own_core = (w["seconds"] - w["run_delay"] + max(0.0, w["process_cpu"] - w["thread_cpu"])) / w["steps"]
     return {
@@ -52,6 +53,7 @@ def measure(result: dict[str, Any], h: int, steps: int) -> dict[str, float]:
 
 
 def main() -> None:
+    """Run the A/B pairs and the memory fits, print the table and optionally write ``--json``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--inner-steps", type=int, default=100, help="H")
     parser.add_argument("--rounds", type=int, default=1, help="measured rounds of H steps (after a first one)")

@@ -1,6 +1,6 @@
 """The DiLoCo paper in miniature: one command runs every comparison and writes the tables and plots.
 
-    python benchmarks/reproduce.py --size {smoke,small,full} [--out DIR] [--report DIR]
+    python -m benchmarks.reproduce --size {smoke,small,full} [--out DIR] [--report DIR]
 
 On the ``tiny``-family GPT (``_repro_lib.MODEL``) and the offline standard-library corpus, with a fixed token budget per
 worker and a held-out validation split:
@@ -13,7 +13,7 @@ worker and a held-out validation split:
 4. ``tables.md``, ``results.json``, ``results.csv``, ``curves.csv`` and one PNG per table (validation perplexity
    against steps and against bytes sent) in ``--report`` (default: ``--out``).
 
-Runs that share a number of processes run in one launch (``_repro_train.py``), ``--parallel`` launches at a time. Each
+Runs that share a number of processes run in one launch (``_repro_train``), ``--parallel`` launches at a time. Each
 finished run leaves ``<out>/runs/<name>.json``; a second invocation skips runs whose result matches their
 configuration, so a crash or an interrupted run loses only the run in progress. Every process uses one thread; the
 numbers measure quality, not speed. ``--size smoke`` takes a few steps per run with k = 2 (a test of the pipeline, not
@@ -32,10 +32,13 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+if __package__:
+    from . import _repro_lib as lib
+else:  # run as a file, `python benchmarks/reproduce.py`: this folder is first on sys.path
+    import _repro_lib as lib  # type: ignore[no-redef]
 
-import _repro_lib as lib  # noqa: E402
+#: The repository root: every launch runs ``python -m benchmarks._repro_train`` from there.
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def is_done(spec: dict[str, Any]) -> bool:
@@ -85,8 +88,8 @@ class Launch:
             f = open(path, "w")
             self.files.append(f)
             self.procs.append(subprocess.Popen(
-                [sys.executable, str(HERE / "_repro_train.py"), str(plan)], stdout=f, stderr=subprocess.STDOUT,
-                env=rank_env, cwd=str(HERE.parent),
+                [sys.executable, "-m", "benchmarks._repro_train", str(plan)], stdout=f, stderr=subprocess.STDOUT,
+                env=rank_env, cwd=ROOT,
             ))
 
     def poll(self) -> Optional[int]:
@@ -216,7 +219,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         log(f"runs finished in {time.time() - started:.0f}s{missing}")
     if args.no_report:
         return 1 if failed else 0
-    import _repro_report as report  # matplotlib is only needed now
+    if __package__:  # matplotlib is only needed now
+        from . import _repro_report as report
+    else:
+        import _repro_report as report  # type: ignore[no-redef]
 
     written = report.write_report(args.size, pretrain, runs, report_dir, time.time() - started)
     log(f"report: {', '.join(str(p.relative_to(report_dir)) for p in written)} in {report_dir}")

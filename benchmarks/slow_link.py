@@ -1,11 +1,11 @@
 """Two workers joined by a slow link (100 Mbit/s, 20 ms each way): tokens/s and compute utilisation.
 
 Needs root, ``ip netns``, ``tc`` (tbf) and ``/dev/net/tun``. Builds two network namespaces, joins them through
-:mod:`netlink_relay` (a TUN device in each namespace; tbf rate limit on each TUN's egress; the relay process holds
-every packet ``--delay-ms`` before passing it on, so the round trip is ``2 * delay``), checks the link, then runs
-rank 0 in one namespace and rank 1 in the other as two nodes (``num_nodes=2``) of one gloo process group, with
-``GLOO_SOCKET_IFNAME`` set to the namespace's TUN and ``MASTER_ADDR`` the address of rank 0's end. Everything it
-created is removed on exit (also on Ctrl-C).
+:mod:`benchmarks.netlink_relay` (a TUN device in each namespace; tbf rate limit on each TUN's egress; the relay
+process holds every packet ``--delay-ms`` before passing it on, so the round trip is ``2 * delay``), checks the link,
+then runs rank 0 in one namespace and rank 1 in the other as two nodes (``num_nodes=2``) of one gloo process group,
+with ``GLOO_SOCKET_IFNAME`` set to the namespace's TUN and ``MASTER_ADDR`` the address of rank 0's end. Everything
+it created is removed on exit (also on Ctrl-C).
 
 This machine's two cores are shared with other jobs, whose load swings the wall-clock speed of a step by 3x from
 minute to minute, so times are taken as on cores of the workers' own (see :func:`dedicated`): the time the training
@@ -18,8 +18,8 @@ larger than the run; this ratio also holds the run-to-run spread of a shared mac
 repeats are interleaved in one launch; measured over whole rounds (from the end of the first round to the end of the
 run); medians over repeats.
 
-    python benchmarks/slow_link.py                         # about 13 minutes on 2 CPU cores (25 when busy)
-    python benchmarks/slow_link.py --repeats 1 --inner-steps 12 --ddp-steps 8   # a quick look
+    python -m benchmarks.slow_link                         # about 13 minutes on 2 CPU cores (25 when busy)
+    python -m benchmarks.slow_link --repeats 1 --inner-steps 12 --ddp-steps 8   # a quick look
 """
 
 from __future__ import annotations
@@ -39,11 +39,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ._common import ROOT, human_bytes, median, run_plan, table, window
 
-from _common import human_bytes, median, run_plan, table, window  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
+#: This module and the relay's, as ``python -m`` runs them (from ``ROOT``) inside the namespaces.
+MODULE, RELAY = f"{__package__}.slow_link", f"{__package__}.netlink_relay"
 SUBNET = "10.77.0"  # addresses exist only inside the namespaces this script creates
 
 
@@ -74,9 +73,9 @@ def slow_link(delay_ms: float, rate_mbit: float, mtu: int) -> Iterator[dict[str,
         for ns in link["ns"]:
             _sh(f"ip netns add {ns}")
         relay = subprocess.Popen(
-            [sys.executable, str(HERE / "netlink_relay.py"), "--ns", *link["ns"], "--dev", *link["dev"], "--addr",
+            [sys.executable, "-m", RELAY, "--ns", *link["ns"], "--dev", *link["dev"], "--addr",
              *link["addr"], "--delay-ms", str(delay_ms), "--rate-mbit", str(rate_mbit), "--mtu", str(mtu)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
         )
         line = relay.stdout.readline() if relay.stdout else ""
         if line.strip() != "READY":
@@ -109,13 +108,14 @@ def _in_ns(ns: str) -> list[str]:
 def check_link(link: dict[str, Any], megabytes: int = 12) -> dict[str, float]:
     """Round trip (median of 10 small TCP exchanges) and bulk rate (``megabytes`` one way) over the link."""
     port = 29400
-    server = subprocess.Popen([*_in_ns(link["ns"][1]), sys.executable, __file__, "--_sink", link["addr"][1],
-                               str(port)], stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen([*_in_ns(link["ns"][1]), sys.executable, "-m", MODULE, "--_sink", link["addr"][1],
+                               str(port)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         assert server.stdout is not None
         server.stdout.readline()  # "listening"
-        probe = subprocess.run([*_in_ns(link["ns"][0]), sys.executable, __file__, "--_probe", link["addr"][1],
-                                str(port), str(megabytes)], capture_output=True, text=True, timeout=120, check=True)
+        probe = subprocess.run([*_in_ns(link["ns"][0]), sys.executable, "-m", MODULE, "--_probe", link["addr"][1],
+                                str(port), str(megabytes)], capture_output=True, text=True, timeout=120, check=True,
+                               cwd=ROOT)
         return json.loads(probe.stdout.strip().splitlines()[-1])
     finally:
         server.kill()
@@ -279,9 +279,6 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--only", nargs="*", type=int, help="indices of the configurations to run (0 always runs)")
-    parser.add_argument("--compare-strategy-file", help="a modified copy of lightning_diloco/strategy.py: the overlapped"
-                        " configurations run a second time with its DiLoCoStrategy, interleaved with the others")
-    parser.add_argument("--compare-label", default="changed", help="how the table names the compared runs")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--_sink", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--_probe", nargs=3, help=argparse.SUPPRESS)
@@ -296,10 +293,6 @@ def main() -> None:
         config["key"] = f"c{i}"
     if args.only is not None:
         configs = [c for i, c in enumerate(configs) if i == 0 or i in args.only]
-    if args.compare_strategy_file:
-        path = str(Path(args.compare_strategy_file).resolve())
-        configs += [{**c, "label": f"{c['label']} [{args.compare_label}]", "key": c["key"] + "x", "strategy_file": path}
-                    for c in configs[1:] if c.get("overlap", 0) > 0]
     runs = [{**{k: v for k, v in c.items() if k not in ("label", "key")}, "name": f"{c['key']}-r{r}"}
             for r in range(args.repeats) for c in configs]
     started = time.perf_counter()
