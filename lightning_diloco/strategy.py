@@ -7,7 +7,6 @@ This module is the Lightning lifecycle only: each hook delegates in a few lines.
 set-ups that run but not as expected are :mod:`lightning_diloco.advice`.
 """
 
-import inspect
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,7 +29,6 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.nn import Module
-from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -39,6 +37,7 @@ from lightning_diloco.census import Census, OuterSyncError
 from lightning_diloco.checkpoint_io import AtomicCheckpointIO
 from lightning_diloco.elastic import attempt_store
 from lightning_diloco.config import DEFAULTS, DiLoCoConfig
+from lightning_diloco.ddp_arguments import check_ddp_arguments, ddp_keywords, unused_ddp_arguments
 from lightning_diloco.outer import OuterOptimizerCallable, OuterState, float_buffers
 from lightning_diloco.rounds import Landed, Rounds, outer_step_metrics
 from lightning_diloco.topology import Topology, build_topology, check_processes_per_worker
@@ -49,10 +48,6 @@ if TYPE_CHECKING:
 
 __all__ = ["DiLoCoStrategy", "OuterSyncError"]
 
-# DistributedDataParallel arguments that the strategy sets itself
-_DDP_KWARGS_SET_BY_STRATEGY = {"self", "module", "device_ids", "process_group", "device_mesh"}
-_DDP_DEFAULTS = {"find_unused_parameters": False, "static_graph": False, "gradient_as_bucket_view": False,
-                 "broadcast_buffers": True}
 
 
 @dataclass
@@ -199,7 +194,7 @@ class DiLoCoStrategy(DDPStrategy):
         bucket_cap_mb: Optional[float] = None,
         **kwargs: Any,
     ) -> None:
-        _check_ddp_arguments(accelerator, model_averaging_period, ddp_comm_state)
+        check_ddp_arguments(accelerator, model_averaging_period, ddp_comm_state)
         self.config = DiLoCoConfig(
             inner_steps=inner_steps, outer_lr=outer_lr, outer_momentum=outer_momentum, outer_nesterov=outer_nesterov,
             outer_optimizer=outer_optimizer, outer_device=outer_device, sync_warmup_steps=sync_warmup_steps,
@@ -222,14 +217,11 @@ class DiLoCoStrategy(DDPStrategy):
             start_method=start_method,
         )
         # the DistributedDataParallel inside a worker of several processes gets DDP's own keywords
-        self._ddp_kwargs = {
-            "find_unused_parameters": find_unused_parameters,
-            "static_graph": static_graph,
-            "gradient_as_bucket_view": gradient_as_bucket_view,
-            "broadcast_buffers": broadcast_buffers,
-            **({} if bucket_cap_mb is None else {"bucket_cap_mb": bucket_cap_mb}),
-            **_ddp_only_kwargs(kwargs),
-        }
+        self._ddp_kwargs = ddp_keywords(
+            find_unused_parameters=find_unused_parameters, static_graph=static_graph,
+            gradient_as_bucket_view=gradient_as_bucket_view, broadcast_buffers=broadcast_buffers,
+            bucket_cap_mb=bucket_cap_mb, **kwargs,
+        )
         self.topology: Optional[Topology] = None
         self.workers: Optional[Workers] = None
         self.rounds: Optional[Rounds] = None  # None outside `fit` and during the synchronous warm-up
@@ -378,15 +370,9 @@ class DiLoCoStrategy(DDPStrategy):
             self._ddp_kwargs["process_group"] = self.topology.intra
             super().configure_ddp()
             return
-        given = ["ddp_comm_hook"] * (self._ddp_comm_hook is not None) + sorted(
-            k for k, v in self._ddp_kwargs.items() if k != "process_group" and _DDP_DEFAULTS.get(k, object()) != v
-        )
-        if given:
-            rank_zero_info(
-                f"DiLoCoStrategy: {', '.join(given)} configure the DistributedDataParallel inside a worker of several"
-                " processes. Each worker here is one process, with no DistributedDataParallel and no gradient"
-                " communication between outer steps, so they have no effect."
-            )
+        message = unused_ddp_arguments(self._ddp_kwargs, self._ddp_comm_hook)
+        if message:
+            rank_zero_info(message)
 
     @override
     def on_train_start(self) -> None:
@@ -689,45 +675,6 @@ def _no_collective_per_step(trainer: "pl.Trainer") -> None:
             raise SIGTERMException()
 
     epoch_loop._broadcast_sigterm_tensor = check_own_sigterm
-
-
-def _check_ddp_arguments(
-    accelerator: Optional[object], model_averaging_period: Optional[int], ddp_comm_state: Optional[object]
-) -> None:
-    """Refuse DDP arguments that cannot mean what they say under DiLoCo, saying what to do."""
-    if isinstance(accelerator, (bool, int, float, str)):
-        raise TypeError(
-            f"DiLoCoStrategy's first positional argument is DDPStrategy's `accelerator`, got {accelerator!r}. Pass"
-            f" DiLoCo's options by keyword, e.g. `DiLoCoStrategy(inner_steps={accelerator!r})`, and the accelerator as"
-            " `Trainer(accelerator=...)`."
-        )
-    if model_averaging_period is not None or _is_post_local_sgd(ddp_comm_state):
-        raise ValueError(
-            "`model_averaging_period` and a post-local SGD `ddp_comm_state` configure DDP's post-local SGD, another"
-            " periodic averaging of the workers' weights. DiLoCo is the periodic averaging here: remove them and set"
-            " the period with `inner_steps`."
-        )
-
-
-def _is_post_local_sgd(state: Optional[object]) -> bool:
-    if state is None:
-        return False
-    from torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook import PostLocalSGDState
-
-    return isinstance(state, PostLocalSGDState)
-
-
-def _ddp_only_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Keyword arguments for ``DistributedDataParallel``, as ``DDPStrategy(**kwargs)`` takes them; anything else is
-    refused with the list of what is accepted."""
-    accepted = set(inspect.signature(DistributedDataParallel.__init__).parameters) - _DDP_KWARGS_SET_BY_STRATEGY
-    unknown = sorted(set(kwargs) - accepted)
-    if unknown:
-        raise TypeError(
-            f"DiLoCoStrategy got unexpected keyword argument(s) {', '.join(f'`{k}`' for k in unknown)}. Besides its own"
-            f" options it takes DDPStrategy's and those of `DistributedDataParallel`: {', '.join(sorted(accepted))}."
-        )
-    return kwargs
 
 
 def _clone_state(module: Module, device: torch.device) -> dict[str, Tensor]:
