@@ -1,24 +1,31 @@
-"""Smoke tests of the benchmarks: bytes.py's measured bytes against the formula, and the slow-link relay's delay."""
+"""Smoke tests of the benchmarks, run as modules of the ``benchmarks`` package from the repository root: bytes'
+measured bytes against the formula, overhead's accounting, and the slow-link relay's delay."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
+from benchmarks._common import NOMINAL_BITS, exact_sync_bytes, ring_bytes, window
+from benchmarks.bytes import meta_numels
+from benchmarks.netlink_relay import DelayRelay
+from helpers.launch import ROOT, run
+from lightning_diloco.compression import COMPRESSOR_NAMES, get_compressor
 
-from _common import NOMINAL_BITS, exact_sync_bytes, ring_bytes, window  # noqa: E402
-from bytes import meta_numels  # noqa: E402
-from netlink_relay import DelayRelay  # noqa: E402
 
-from lightning_diloco.compression import COMPRESSOR_NAMES, get_compressor  # noqa: E402
+def run_benchmark(module: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m benchmarks.<module> args`` from the repository root; fails the test unless it exits with 0.
+
+    Args:
+        module: the benchmark's module in the ``benchmarks`` package.
+        *args: its command-line arguments.
+
+    """
+    return run([sys.executable, "-m", f"benchmarks.{module}", *args], timeout=600, cwd=ROOT)
 
 
 @pytest.mark.parametrize("k", [2, 3, 8])
@@ -33,15 +40,11 @@ def test_exact_bytes_are_the_ring_formula_plus_scales(name, k):
 
 
 def test_bytes_benchmark_measures_the_formula(tmp_path):
-    """bytes.py on 2 real processes: DiLoCo's bytes_sent and DDP's bucket bytes equal the formulas."""
+    """benchmarks.bytes on 2 real processes: DiLoCo's bytes_sent and DDP's bucket bytes equal the formulas."""
     report_file = tmp_path / "bytes.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bytes.py"), "--measure-k", "2", "--compressions", "none", "int8",
-         "--fragments", "1", "2", "--inner-steps", "2", "--steps", "4", "--json", str(report_file)],
-        capture_output=True, text=True, timeout=600, env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    proc = run_benchmark("bytes", "--measure-k", "2", "--compressions", "none", "int8", "--fragments", "1", "2",
+                         "--inner-steps", "2", "--steps", "4", "--json", str(report_file))
+    assert proc.returncode == 0
     assert "| tiny  | 2 | DiLoCo int8 |" in proc.stdout
     report = json.loads(report_file.read_text())
     assert report["measured_equals_exact"]
@@ -99,17 +102,12 @@ def test_window_counts_whole_rounds():
 
 
 def test_overhead_benchmark_accounts_for_the_strategy_and_its_state(tmp_path):
-    """overhead.py on a short run: the outer state is the formula's 8 bytes per parameter (fp32 global weights and
+    """benchmarks.overhead on a short run: the outer state is the formula's 8 bytes per parameter (fp32 global weights and
     Nesterov momentum), every measured round holds its outer step, and the strategy's own time is a small, positive
     share of the step that its in-run ratio turns into a step-time ratio."""
     report_file = tmp_path / "overhead.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "overhead.py"), "--inner-steps", "3", "--pairs", "1", "--rounds", "2",
-         "--json", str(report_file)],
-        capture_output=True, text=True, timeout=600, env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    proc = run_benchmark("overhead", "--inner-steps", "3", "--pairs", "1", "--rounds", "2", "--json", str(report_file))
+    assert proc.returncode == 0
     assert "DiLoCoStrategy(inner_steps=3), world size 1" in proc.stdout
     report = json.loads(report_file.read_text())
     pair = report["pairs"][0]
@@ -120,3 +118,23 @@ def test_overhead_benchmark_accounts_for_the_strategy_and_its_state(tmp_path):
     assert 0.0 < report["own_share"] < 0.5
     assert report["own_ratio"] == pytest.approx(1 / (1 - report["own_share"]))
     assert 0.5 < report["ratio"] < 2.0
+
+
+def test_speed_weighted_benchmark_reads_each_outer_step_from_the_strategy(tmp_path):
+    """benchmarks.speed_weighted under torchrun (which re-runs it with ``-m``): every round's outer step is recorded
+    from the strategy's own timings and metrics; in plain rounds the fast worker waits in the outer step for the one
+    twice as slow (about H times the difference of their sleeps), the census being part of that wait."""
+    h, rounds, sleep = 4, 2, 0.02
+    report_file = tmp_path / "speed_weighted.json"
+    proc = run_benchmark("speed_weighted", "--inner-steps", str(h), "--rounds", str(rounds), "--step-seconds",
+                         str(sleep), "--json", str(report_file))
+    assert proc.returncode == 0
+    assert "| speed_weighted |" in proc.stdout
+    fast, slow = json.loads(report_file.read_text())["ranks"]
+    for rank in (fast, slow):
+        for mode in ("plain", "speed_weighted"):
+            outer = rank[mode]["rounds"]
+            assert len(outer) == rounds
+            assert all(0.0 <= o["exchange_seconds"] <= o["outer_step_seconds"] <= o["round_seconds"] for o in outer)
+    assert all(o["outer_step_seconds"] > 0.5 * h * sleep for o in fast["plain"]["rounds"])
+    assert [o["computed"] for o in slow["plain"]["rounds"]] == [h] * rounds

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,13 +15,14 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import TQDMProgressBar
 
+from helpers import launch
+from helpers.launch import ROOT
 from lightning_diloco import DiLoCoStrategy
 from lightning_diloco.cli import DiLoCoCLI, build_cli
 from lightning_diloco.data import LMDataModule
 from lightning_diloco.gpt import GPT, GPTConfig, GPTLightningModule
 from lightning_diloco.progress import DiLoCoProgressBar, FitSummary
 
-ROOT = Path(__file__).parents[1]
 CONFIGS = ROOT / "configs"
 # DistributedDataParallel's keyword arguments that DDPStrategy passes through **kwargs: not the strategy's options
 DDP_KWARGS = ("check_reduction", "process_group", "output_device", "device_ids")
@@ -32,20 +32,6 @@ DDP_KWARGS = ("check_reduction", "process_group", "output_device", "device_ids")
 def _plain_argv(monkeypatch):
     """In-process CLI calls get their arguments from `args`, not from pytest's command line."""
     monkeypatch.setattr(sys, "argv", ["lightning-diloco"])
-
-
-def _run(args, cwd, timeout=300, returncode=0):
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    env.pop("PL_GLOBAL_SEED", None)
-    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert proc.returncode == returncode, (
-        f"{' '.join(map(str, args))} exited with {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    )
-    return proc
 
 
 def _rows(path):
@@ -174,7 +160,7 @@ def tiny_run(tmp_path_factory):
         *TINY_SHORT,
         f"--data.cache_dir={workdir / 'cache'}",
     ]  # fmt: skip
-    proc = _run(args, cwd=workdir)
+    proc = launch.run(args, timeout=300, cwd=workdir)
     return workdir, proc
 
 
@@ -198,19 +184,18 @@ def test_plot_runs(tiny_run, tmp_path):
     workdir, _ = tiny_run
     out = tmp_path / "curves.png"
     run = workdir / "runs" / "tiny"
-    proc = _run(
+    proc = launch.run(
         [sys.executable, str(ROOT / "examples" / "plot_runs.py"), str(run), str(run / "version_0"), "-o", str(out)],
-        cwd=tmp_path,
+        timeout=300, cwd=tmp_path,
     )
     assert out.stat().st_size > 10_000
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "final val_loss" in proc.stdout
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "plot_runs.py"), str(empty)], capture_output=True, text=True
-    )
-    assert proc.returncode != 0 and "No metrics.csv" in proc.stderr
+    proc = launch.run([sys.executable, ROOT / "examples" / "plot_runs.py", empty], timeout=300, cwd=tmp_path,
+                      returncode=1)
+    assert "No metrics.csv" in proc.stderr
 
 
 def test_tiny_fit_ends_with_the_closing_line(tiny_run):
@@ -266,7 +251,7 @@ def test_resume_from_the_last_link_and_the_final_outer_step_in_the_closing_line(
         f"--data.cache_dir={workdir / 'cache'}",
         f"--ckpt_path={last}",
     ]  # fmt: skip
-    proc = _run(args, cwd=tmp_path)
+    proc = launch.run(args, timeout=300, cwd=tmp_path)
     output = proc.stdout + proc.stderr
     assert f"Restored all states from the checkpoint at {last}" in output
     rows = _rows(tmp_path / "runs" / "tiny" / "version_0" / "metrics.csv")
@@ -289,7 +274,7 @@ def test_evaluation_logs_into_the_run_folder_of_its_checkpoint(tiny_run, subcomm
         f"--data.cache_dir={workdir / 'cache'}",
         "--ckpt_path", os.path.join("runs", "tiny", "version_0", "checkpoints", "last.ckpt"),
     ]  # fmt: skip
-    proc = _run(args, cwd=workdir)
+    proc = launch.run(args, timeout=300, cwd=workdir)
     output = proc.stdout + proc.stderr
     assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]  # no new version without training metrics
     assert (run / "metrics.csv").read_bytes() == training_metrics
@@ -372,10 +357,10 @@ def test_errors_outside_the_package_keep_their_traceback(tmp_path):
 
 
 def test_argument_error_of_the_console_script_is_one_line(tmp_path):
-    proc = _run(
+    proc = launch.run(
         [str(Path(sys.executable).parent / "lightning-diloco"), "fit", "--config", str(CONFIGS / "tiny.yaml"),
          f"--data.cache_dir={tmp_path}", "--trainer.strategy.init_args.outer_momentum=2"],
-        cwd=tmp_path, returncode=2,
+        timeout=300, cwd=tmp_path, returncode=2,
     )
     with pytest.raises(ValueError) as expected:
         DiLoCoStrategy(outer_momentum=2.0)

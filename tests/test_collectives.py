@@ -1,17 +1,13 @@
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from helpers.launch import load_ranks, run_script
 from lightning_diloco.collectives import ALGORITHMS, CommStats, average_, plan_buckets
 from lightning_diloco.compression import COMPRESSOR_NAMES, ErrorFeedback, Int4Compressor, get_compressor
 
-SCRIPT = Path(__file__).parent / "scripts" / "comm_average.py"
 WORLD_SIZE = 2
 LOSSY = [name for name in COMPRESSOR_NAMES if name != "none"]
 GATHERING = ["all_gather", "reduce_scatter"]
@@ -21,12 +17,8 @@ GATHERING = ["all_gather", "reduce_scatter"]
 def ranks(tmp_path_factory) -> list[dict[str, Any]]:
     """Results of every scenario in ``comm_average.py``, run once on two gloo processes, per rank."""
     out = tmp_path_factory.mktemp("comm")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), str(WORLD_SIZE)], capture_output=True, text=True, timeout=300, env=env
-    )
-    assert proc.returncode == 0, f"comm_average.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
+    run_script("comm_average.py", str(out), str(WORLD_SIZE))
+    return load_ranks(out, WORLD_SIZE)
 
 
 def decoded(name: str, tensor: torch.Tensor) -> torch.Tensor:

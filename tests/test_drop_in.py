@@ -17,10 +17,10 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.nn.utils import parametrize, prune
 
-from conftest import run_script
+from helpers.launch import run_script
+from helpers.toy import ToyModule
 from lightning_diloco import DiLoCoStrategy
 from lightning_diloco.outer import OuterState, default_outer_optimizer
-from toy import ToyModule
 
 # ------------------------------------------------------------------------------------------------------------------
 # The constructor: DDPStrategy's positional order and keywords
@@ -89,7 +89,7 @@ class _ToyData(torch.utils.data.Dataset):
         return 16
 
     def __getitem__(self, i: int) -> Any:
-        from toy import ToyData
+        from helpers.toy import ToyData
 
         return ToyData()[i]
 

@@ -1,14 +1,13 @@
 """Faults and wrong input: non-finite workers, stalled peers, resumes on another number of workers, bad arguments.
 
 The multi-process tests run ``tests/scripts/train_toy.py`` (two workers, gloo on CPU) with the fault injection of
-``tests/toy.py`` and compare with the one-process simulation of ``tests/reference.py`` or with a formula computed
-here from a checkpoint's contents. The table of wrong inputs at the end is ``docs/bad_input.md``, row by row.
+``tests/helpers/toy.py`` and compare with the one-process simulation of ``tests/helpers/reference.py`` or with a
+formula computed here from a checkpoint's contents. The table of wrong inputs at the end is ``docs/bad_input.md``,
+row by row.
 """
 
 import os
-import signal
 import struct
-import subprocess
 import sys
 import time
 import warnings
@@ -26,11 +25,12 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import TorchCheckpointIO
 
-from conftest import LAUNCHER_ENV, TESTS, load_ranks, run_script
+from helpers import launch
+from helpers.launch import LAUNCHER_ENV, load_ranks, run_script
+from helpers.reference import closed_round, simulate
+from helpers.toy import ToyModule, loaders
 from lightning_diloco import DiLoCoStrategy
 from lightning_diloco.checkpoint_io import CorruptCheckpointError
-from reference import closed_round, simulate
-from toy import ToyModule, loaders
 
 K, H = 2, 5
 ATOL = 1e-6
@@ -47,18 +47,18 @@ def _environment(**values: Optional[str]) -> Iterator[None]:
     values = {**dict.fromkeys(LAUNCHER_ENV), **values}
     saved = {name: os.environ.get(name) for name in values}
     try:
-        for name, value in values.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        _set_environment(values)
         yield
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        _set_environment(saved)
+
+
+def _set_environment(values: dict[str, Optional[str]]) -> None:
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @dataclass
@@ -69,29 +69,13 @@ class Launched:
 
 
 def _launch_failing(out: Path, *args: str, env: dict[str, str], timeout: float) -> Launched:
-    """Run ``train_toy.py`` until rank 0 exits, then stop the ranks it started (they may be stalled on purpose).
-
-    The run gets a session of its own, so that its processes, and only they, can be stopped together.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::DeprecationWarning", **env}
-    for name in ("PL_GLOBAL_SEED", *LAUNCHER_ENV):
-        full_env.pop(name, None)
-    command = [sys.executable, str(TESTS / "scripts" / "train_toy.py"), "--out", str(out), *args]
-    with open(out / "stderr.txt", "w") as stderr:
-        start = time.monotonic()
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=full_env,
-                                start_new_session=True)
-        try:
-            returncode = proc.wait(timeout=timeout)
-        finally:
-            seconds = time.monotonic() - start
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
-    return Launched(returncode, (out / "stderr.txt").read_text(), seconds)
+    """Run ``train_toy.py`` until rank 0 exits, then stop the ranks it started (they may be stalled on purpose)."""
+    command = [sys.executable, launch.SCRIPTS / "train_toy.py", "--out", str(out), *args]
+    begin = time.monotonic()
+    (done,) = launch.finish([launch.start(command, env=launch.clean_env(**env))], timeout)
+    seconds = time.monotonic() - begin
+    assert done.returncode is not None, f"train_toy.py did not stop in {timeout:g} s:\n{done.stderr[-3000:]}"
+    return Launched(done.returncode, done.stderr, seconds)
 
 
 def _simulate(ranks: list[dict[str, Any]], inner_steps: int = H, **kwargs: Any):

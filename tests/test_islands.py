@@ -1,13 +1,9 @@
 """Islands of devices: workers made of several processes, two emulated nodes, a separate outer process group and
 speed-weighted rounds, in real multi-process runs (gloo on CPU) against the one-process simulation of
-``tests/reference_groups.py``.
+``tests/helpers/reference_groups.py``.
 """
 
-import os
-import signal
-import socket
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +11,11 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from conftest import load_ranks
-from reference_groups import Batches, simulate_groups
-from test_topology import TESTS, failure_summary, torchrun, torchrun_env
-from toy import ToyData
+from helpers import launch
+from helpers.launch import failure_summary, load_ranks
+from helpers.reference_groups import Batches, simulate_groups
+from helpers.toy import ToyData
+from test_topology import torchrun
 
 BATCH = 4
 
@@ -53,50 +50,33 @@ WORLD = NODES * PER_NODE
 STEPS = 12  # 3 epochs of 16 samples per process in batches of 4; outer steps after 5, 10 and (partial) 12
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch_nodes(out: Path, port: int, timeout: float) -> list[tuple[int, str]]:
-    """Start the two nodes' torchrun at once and wait for both; returns (exit status, output) per node."""
-    script = TESTS / "scripts" / "train_toy.py"
+def _launch_nodes(out: Path, port: int, timeout: float) -> list[subprocess.CompletedProcess]:
+    """Start the two nodes' torchrun at once and wait for both (their output merged into ``stdout``)."""
     procs = []
     for node in range(NODES):
         command = [
-            sys.executable, "-m", "torch.distributed.run", "--nnodes", str(NODES), "--node-rank", str(node),
-            "--nproc-per-node", str(PER_NODE), "--master-addr", "127.0.0.1", "--master-port", str(port), str(script),
+            *launch.TORCHRUN, "--nnodes", str(NODES), "--node-rank", str(node), "--nproc-per-node", str(PER_NODE),
+            "--master-addr", "127.0.0.1", "--master-port", str(port), launch.SCRIPTS / "train_toy.py",
             "--out", str(out), "--devices", str(PER_NODE), "--num-nodes", str(NODES), "--processes-per-worker",
             str(PER_NODE), "--inner-steps", str(H), "--max-epochs", "3", "--val", "0",
         ]
-        procs.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      env=torchrun_env(), start_new_session=True))
-    results = []
-    for proc in procs:
-        try:
-            output, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for p in procs:  # the sessions these two launches started, and nothing else
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGKILL)
-            output, _ = proc.communicate()
-            output += "\n(timed out)"
-        results.append((proc.returncode, output))
-    return results
+        procs.append(launch.start(command, merge=True))
+    return launch.finish(procs, timeout)
 
 
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("two_nodes")
     for _ in range(2):  # a second try only if the rendezvous port was taken in the meantime
-        results = _launch_nodes(out, _free_port(), timeout=300)
-        if all(code == 0 for code, _ in results):
+        results = _launch_nodes(out, launch.free_port(), timeout=300)
+        if all(done.returncode == 0 for done in results):
             return load_ranks(out, WORLD)
-        if not any("address already in use" in output.lower() for _, output in results):
+        if not any("address already in use" in done.stdout.lower() for done in results):
             break
-    raise AssertionError("\n\n".join(f"node {n} exited with {code}:\n{failure_summary(output)}"
-                                     for n, (code, output) in enumerate(results)))
+    raise AssertionError("\n\n".join(
+        f"node {n} {'timed out' if done.returncode is None else f'exited with {done.returncode}'}:\n"
+        f"{failure_summary(done.stdout)}" for n, done in enumerate(results)
+    ))
 
 
 def _group_batches(ranks: list[dict[str, Any]], g: int) -> Batches:

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import run_script
+from helpers.launch import run_script
 from lightning_diloco import DiLoCoStrategy
 from lightning_diloco.progress import DiLoCoProgressBar, FitSummary, human_bytes, ring_allreduce_bytes
 

@@ -5,10 +5,7 @@ addresses, kill one worker with SIGKILL in the first attempt (mid-round, inside 
 checkpoint file), and compare the final weights bitwise with a run that was never interrupted.
 """
 
-import os
 import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,72 +18,36 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import AsyncCheckpointIO, TorchCheckpointIO
 
-from conftest import TESTS
+from helpers import launch
 from lightning_diloco import DiLoCoStrategy, elastic
 from lightning_diloco.checkpoint_io import AtomicCheckpointIO, CorruptCheckpointError
 from lightning_diloco.elastic import STORE_PREFIX
 
-SCRIPTS = TESTS / "scripts"
 WORLD = 2
 RESTARTS = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("TORCHELASTIC_", "PL_", "SLURM_")) and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE",
-                                                                                "MASTER_ADDR", "MASTER_PORT", "FAULT")
-    }
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra)
-    return env
-
-
 def torchrun(out: Path, fault: Optional[str] = None, rdzv: str = "c10d", timeout: float = 240) -> str:
     """Train ``recovery_train.py`` under torchrun on two loopback workers; return the launcher's output."""
-    port = _free_port()
+    port = launch.free_port()
     if rdzv == "c10d":
         rendezvous = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--local-addr", "127.0.0.1"]
     else:
         rendezvous = ["--master-addr", "127.0.0.1", "--master-port", str(port)]
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD), "--max-restarts",
-        str(RESTARTS), "--monitor-interval", "0.2", *rendezvous,
-        str(SCRIPTS / "recovery_train.py"), "--out", str(out), "--inner-steps", "5", "--max-epochs", "3",
-        "--timeout", "30",
+        *launch.TORCHRUN, "--nproc-per-node", str(WORLD), "--max-restarts", str(RESTARTS), "--monitor-interval", "0.2",
+        *rendezvous, launch.SCRIPTS / "recovery_train.py", "--out", str(out), "--inner-steps", "5", "--max-epochs",
+        "3", "--timeout", "30",
     ]
-    env = _clean_env(**({"FAULT": fault} if fault else {}))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    try:
-        log = proc.communicate(timeout=timeout)[0]
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)  # torchrun stops its workers before it exits
-        try:
-            log = proc.communicate(timeout=60)[0]
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            log = proc.communicate()[0]
-        raise AssertionError(f"torchrun did not finish in {timeout} s with FAULT={fault}:\n{log[-8000:]}")
-    if proc.returncode != 0:
-        raise AssertionError(f"torchrun failed (exit code {proc.returncode}) with FAULT={fault}:\n{log[-8000:]}")
-    return log
-
-
-def load_ranks(out: Path) -> list[dict[str, Any]]:
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    env = launch.clean_env(**({"FAULT": fault} if fault else {}))
+    return launch.run(cmd, timeout, env=env, merge=True).stdout
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("uninterrupted")
     torchrun(out)
-    ranks = load_ranks(out)
+    ranks = launch.load_ranks(out, WORLD)
     assert [r["attempt"] for r in ranks] == [0, 0]
     assert [r["resumed_from"] for r in ranks] == [None, None]
     return ranks
@@ -114,7 +75,7 @@ def test_sigkill_restarts_from_last_complete_checkpoint_bitwise(case: str, unint
     fault, rdzv, resume_step = FAULTS[case]
     log = torchrun(tmp_path, fault, rdzv=rdzv)
     assert "SIGKILL" in log, "the fault was not injected"
-    ranks = load_ranks(tmp_path)
+    ranks = launch.load_ranks(tmp_path, WORLD)
     for rank, (got, want) in enumerate(zip(ranks, uninterrupted)):
         # one restart was enough: the restarted workers connected at once
         assert got["attempt"] == 1, f"rank {rank} finished in attempt {got['attempt']}:\n{log[-6000:]}"
@@ -143,34 +104,23 @@ def _attempt(port: int, restart: int, prefix: bool, stagger: bool, worker_timeou
 
     With ``stagger``, rank 1 starts only once rank 0 has begun to join the process group.
     """
-    def start(rank: int) -> subprocess.Popen:
-        env = _clean_env(
+    def start(rank: int) -> launch.Process:
+        env = launch.clean_env(
             RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), GROUP_WORLD_SIZE="1",
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_RUN_ID="test",
             TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT=str(restart),
         )
-        cmd = [sys.executable, str(SCRIPTS / "recovery_store.py"), "--timeout", str(worker_timeout)]
-        return subprocess.Popen(cmd + (["--prefix"] if prefix else []), env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+        cmd = [sys.executable, launch.SCRIPTS / "recovery_store.py", "--timeout", str(worker_timeout)]
+        return launch.start(cmd + (["--prefix"] if prefix else []), env=env, merge=True)
 
     first = start(0)
-    head = ""
     if stagger:
-        assert first.stdout is not None
-        while "JOINING" not in head and first.poll() is None:
-            head += first.stdout.readline()
+        while "JOINING" not in first.stdout() and first.popen.poll() is None:
+            time.sleep(0.05)
         time.sleep(1.0)
     procs = [first, start(1)]
-    outputs = []
-    deadline = time.monotonic() + 60 + 2 * worker_timeout
-    for proc in procs:
-        try:
-            outputs.append(proc.communicate(timeout=max(deadline - time.monotonic(), 10.0))[0])
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            outputs.append(proc.communicate()[0] + "\n(killed: not connected in time)")
-    outputs[0] = head + outputs[0]
-    return outputs
+    done = launch.finish(procs, timeout=60 + 2 * worker_timeout)
+    return [d.stdout + ("\n(killed: not connected in time)" if d.returncode is None else "") for d in done]
 
 
 def test_restarted_workers_never_read_keys_of_killed_ones():
@@ -256,9 +206,8 @@ else:
 
 def _kill_while_writing(path: Path, naive: bool, n: int = 200_000) -> None:
     """Write a checkpoint of ``n`` floats to ``path`` in a subprocess that SIGKILLs itself halfway through."""
-    code = _WRITER.format(root=str(TESTS.parent), limit=2 * n, n=n, path=str(path), naive=naive)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_clean_env(), timeout=120)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    code = _WRITER.format(root=str(launch.ROOT), limit=2 * n, n=n, path=str(path), naive=naive)
+    launch.run([sys.executable, "-c", code], timeout=120, returncode=-signal.SIGKILL)
 
 
 def test_sigkill_halfway_leaves_the_previous_checkpoint(tmp_path: Path):

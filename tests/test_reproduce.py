@@ -2,14 +2,13 @@
 
 import csv
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers.launch import ROOT, run
+
 SCRIPT = ROOT / "benchmarks" / "reproduce.py"
 TABLES = ("table2", "h_sweep", "workers", "outer_optimizer", "iid_noniid", "compression")
 
@@ -19,13 +18,7 @@ pytest.importorskip("matplotlib")
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("reproduce")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    env.pop("PL_GLOBAL_SEED", None)
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--size", "smoke", "--out", str(out)],
-        capture_output=True, text=True, timeout=600, env=env, cwd=str(ROOT),
-    )
-    assert proc.returncode == 0, f"reproduce.py failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    run([sys.executable, SCRIPT, "--size", "smoke", "--out", str(out)], timeout=600, cwd=ROOT)
     return out
 
 
@@ -73,12 +66,7 @@ def test_raw_numbers(smoke: Path) -> None:
 
 
 def test_finished_runs_are_skipped(smoke: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     before = {p.name: p.stat().st_mtime_ns for p in (smoke / "runs").glob("*.json")}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--size", "smoke", "--out", str(smoke), "--no-report"],
-        capture_output=True, text=True, timeout=300, env=env, cwd=str(ROOT),
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run([sys.executable, SCRIPT, "--size", "smoke", "--out", str(smoke), "--no-report"], timeout=300, cwd=ROOT)
     assert "launch" not in proc.stdout
     assert {p.name: p.stat().st_mtime_ns for p in (smoke / "runs").glob("*.json")} == before

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from conftest import load_ranks, run_script
-from reference import simulate
-from toy import ToyData
+from helpers.launch import load_ranks, run_script
+from helpers.reference import simulate
+from helpers.toy import ToyData
 
 K, H, STEPS = 2, 5, 24  # 3 epochs of 8 batches: epoch ends (8, 16) fall mid-round, the last round is partial
 
@@ -143,8 +143,8 @@ import lightning as L  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+from helpers.toy import ToyModule, loaders  # noqa: E402
 from lightning_diloco import DiLoCoStrategy  # noqa: E402
-from toy import ToyModule, loaders  # noqa: E402
 
 
 def _fit(strategy: Any, module: L.LightningModule, steps: int = 12, **trainer_kwargs: Any) -> L.Trainer:

@@ -1,11 +1,10 @@
 """Streaming DiLoCo (fragments, overlapped syncs) and compressed syncs, in real runs against the reference.
 
 Every multi-process test runs ``tests/scripts/train_toy.py`` with two workers (gloo on CPU) and replays the batches
-each worker saw through the one-process simulation of ``tests/reference.py``. Toy epochs are 8 optimizer steps and
-runs last 3 epochs (24 steps).
+each worker saw through the one-process simulation of ``tests/helpers/reference.py``. Toy epochs are 8 optimizer
+steps and runs last 3 epochs (24 steps).
 """
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +12,11 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import LAUNCHER_ENV, load_ranks, run_script
+from helpers.launch import load_ranks, run_script
+from helpers.reference import Simulation, simulate
+from helpers.toy import ToyModule, loaders
 from lightning_diloco import DiLoCoStrategy
-from reference import Simulation, simulate
 from test_faults import check_resume
-from toy import ToyModule, loaders
 
 K = 2
 TOY_FRAGMENTS = [[0], [1, 2, 3, 4]]  # net.0.weight (128) | BatchNorm weight, bias, net.3 weight, bias (49)
@@ -26,13 +25,7 @@ ATOL = 1e-6
 
 
 def _run(out: Path, *args: str, world: int = K) -> list[dict[str, Any]]:
-    # without what an in-process run of Lightning leaves in the environment: with LOCAL_RANK set the new run would
-    # take its processes for started from outside and wait for them forever
-    saved = {name: os.environ.pop(name) for name in LAUNCHER_ENV if name in os.environ}
-    try:
-        run_script("train_toy.py", "--out", str(out), *args)
-    finally:
-        os.environ.update(saved)
+    run_script("train_toy.py", "--out", str(out), *args)  # in a clean environment (helpers.launch.clean_env)
     return load_ranks(out, world)
 
 

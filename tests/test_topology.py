@@ -6,47 +6,25 @@ world, for G = 1, 2 and 4 processes per worker.
 """
 
 import math
-import os
-import re
 import subprocess
-import sys
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import load_ranks
+from helpers import launch
+from helpers.launch import load_ranks
 from lightning_diloco.topology import Topology, build_topology, check_processes_per_worker
 
-TESTS = Path(__file__).parent
 WORLD = 4
-
-
-def torchrun_env() -> dict[str, str]:
-    """One thread per process (several share this machine's cores); no global seed from the caller."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    env.pop("PL_GLOBAL_SEED", None)
-    return env
 
 
 def torchrun(script: str, *args: str, nproc: int, timeout: float = 300) -> subprocess.CompletedProcess:
     """``torchrun --standalone`` of ``tests/scripts/<script>`` on this machine."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               str(TESTS / "scripts" / script), *args]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=torchrun_env())
-    if proc.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(args)} failed:\n{failure_summary(proc.stdout + proc.stderr)}")
-    return proc
-
-
-def failure_summary(output: str) -> str:
-    """Every rank's exception line first (the first failure is often buried under its peers'), then the tail."""
-    pattern = re.compile(r"(\[rank\d+\]: )?[\w.]+(Error|Exception): ")
-    errors = dict.fromkeys(line[:500] for line in output.splitlines() if pattern.match(line))
-    return "\n".join(errors) + "\n...\n" + output[-6000:]
+    command = [*launch.TORCHRUN, "--standalone", f"--nproc-per-node={nproc}", launch.SCRIPTS / script, *args]
+    return launch.run(command, timeout)
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import load_ranks, run_script
-from reference import simulate
+from helpers.launch import load_ranks, run_script
+from helpers.reference import simulate
 
 K, H, W = 2, 3, 5  # 3 epochs of 8 steps: 5 synchronous steps, then DiLoCo syncs at 8, 11, ..., 23 and a final one
 

@@ -39,7 +39,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from toy import ToyData, build_net, flat, make_optimizer
+from helpers.toy import ToyData, build_net, flat, make_optimizer
 
 
 @dataclass
@@ -265,13 +265,11 @@ def _simulate(
 
     @torch.no_grad()
     def land(sync: _InFlight, now: int, alpha: float) -> None:
-        """The outer Nesterov step of the fragment, then every worker moves (or mixes) to the global weights."""
+        """The fragment's :func:`outer_step`, then every worker moves (or mixes) to the global weights."""
         if any(sync.healthy):
             for pos, j in enumerate(fragments[sync.fragment]):
-                grad = sync.mean[pos]
-                momentum[j] = grad.clone() if momentum[j] is None else outer_momentum * momentum[j] + grad
-                update = torch.add(grad, momentum[j], alpha=outer_momentum) if nesterov else momentum[j]
-                global_params[j] = torch.add(global_params[j], update, alpha=-outer_lr)
+                global_params[j], momentum[j] = outer_step(global_params[j], sync.mean[pos], momentum[j], outer_lr,
+                                                           outer_momentum, nesterov)
         if sync.buffers is not None:
             for j, value in enumerate(sync.buffers):
                 global_buffers[j] = value.clone()
@@ -304,7 +302,7 @@ def _simulate(
             with torch.no_grad():
                 for i, at in poison.items():
                     if at == t:
-                        params[i][0][0, 0] = float("nan")  # net[0].weight[0, 0], as tests/toy.py does
+                        params[i][0][0, 0] = float("nan")  # net[0].weight[0, 0], as tests/helpers/toy.py does
 
     sim.global_at[step] = _cat(global_params)
     for t in range(step + 1, step + total_steps + 1):
@@ -368,22 +366,26 @@ def start_from_replica_zero(params: list[list[Tensor]], buffers: list[list[Tenso
     return [p.detach().clone() for p in params[0]], [b.detach().clone() for b in buffers[0]]
 
 
-def nesterov_step(
-    params: list[Tensor], mean: list[Tensor], momentum: list[Optional[Tensor]], lr: float, mu: float
-) -> tuple[list[Tensor], list[Tensor]]:
-    """One outer SGD step with Nesterov momentum: ``m = mu m + g``, ``p = p - lr (g + mu m)``; new params and momenta.
+def outer_step(
+    param: Tensor, grad: Tensor, momentum: Optional[Tensor], lr: float, mu: float, nesterov: bool = True
+) -> tuple[Tensor, Tensor]:
+    """One outer SGD step of one tensor by its formula; the new parameter and momentum.
+
+    ``m = mu m + g``, then ``p = p - lr (g + mu m)`` with Nesterov momentum or ``p = p - lr m`` with heavy-ball
+    momentum, the scaled additions as ``torch.add(..., alpha=...)``, which rounds as torch's SGD does.
 
     Args:
-        params: the global parameters.
-        mean: their gradient (the mean pseudo-gradient).
-        momentum: the momentum buffers (``None`` where there is none yet, which starts it at ``g``).
+        param: the global parameter.
+        grad: its gradient (the mean pseudo-gradient).
+        momentum: its momentum buffer; ``None`` where there is none yet, which starts it at ``g``.
         lr: the outer learning rate.
         mu: the outer momentum.
+        nesterov: Nesterov or heavy-ball momentum.
 
     """
-    new_momentum = [g.clone() if m is None else mu * m + g for g, m in zip(mean, momentum)]
-    new_params = [torch.add(p, torch.add(g, m, alpha=mu), alpha=-lr) for p, g, m in zip(params, mean, new_momentum)]
-    return new_params, new_momentum
+    momentum = grad.clone() if momentum is None else mu * momentum + grad
+    update = torch.add(grad, momentum, alpha=mu) if nesterov else momentum
+    return torch.add(param, update, alpha=-lr), momentum
 
 
 def closed_round(
@@ -421,10 +423,8 @@ def closed_round(
         if state["step"] <= state["last_sync"][p]:
             continue
         mean = [torch.stack([params[j] - w["module"][names[j]].float() for w in workers]).mean(dim=0) for j in indices]
-        stepped, moved = nesterov_step([params[j] for j in indices], mean, [momentum[j] for j in indices], outer_lr,
-                                       outer_momentum)
-        for j, value, m in zip(indices, stepped, moved):
-            params[j], momentum[j] = value, m
+        for j, grad in zip(indices, mean):
+            params[j], momentum[j] = outer_step(params[j], grad, momentum[j], outer_lr, outer_momentum)
     buffers = {n: torch.stack([w["module"][n].float() for w in workers]).mean(dim=0) for n in outer["buffers"]}
     expected = {**dict(zip(names, params)), **buffers}
     optimizer_states = [workers[w % len(workers)]["optimizer_states"][0] for w in range(num_workers)]

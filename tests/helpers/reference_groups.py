@@ -1,7 +1,8 @@
 """A one-process simulation of DiLoCo workers made of several processes, and of speed-weighted rounds.
 
-Written from the definitions, sharing nothing with the package (``tests/reference.py`` is the simulation of plain
-workers; this one adds what worker groups and speed-weighted rounds change):
+Written from the definitions, sharing nothing with the package (``tests/helpers/reference.py`` is the simulation of
+plain workers, whose :func:`~helpers.reference.outer_step` this one takes; it adds what worker groups and
+speed-weighted rounds change):
 
 - A worker of G processes is one replica trained with data parallelism: at each of its inner steps every process
   computes the gradient of its own micro-batch, the worker steps its optimizer with their mean (what
@@ -21,7 +22,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from toy import ToyData, build_net, flat, make_optimizer
+from helpers.reference import outer_step
+from helpers.toy import ToyData, build_net, flat, make_optimizer
 
 # batches[w][s]: what worker w trained on at optimizer step s + 1: one list of sample indices per process of the
 # worker, or None if the worker skipped that step
@@ -64,7 +66,7 @@ def simulate_groups(
         inner_steps: H.
         outer_lr: outer learning rate (Nesterov SGD).
         outer_momentum: outer momentum.
-        optimizer: the inner optimizer's kind (``toy.make_optimizer``).
+        optimizer: the inner optimizer's kind (``helpers.toy.make_optimizer``).
         lr: the inner learning rate.
         weight_by_computed: weight pseudo-gradients by the steps each worker computed since the last outer step.
         final_sync: whether an outer step closes a last, incomplete round.
@@ -77,18 +79,17 @@ def simulate_groups(
     opts = [make_optimizer(n.parameters(), optimizer, lr) for n in nets]
     global_params = [p.detach().clone() for p in nets[0].parameters()]
     global_buffers = [b.detach().clone() for b in _float_buffers(nets[0])]
-    momentum = [torch.zeros_like(p) for p in global_params]
+    momentum: list[Optional[Tensor]] = [None] * len(global_params)
     computed = [0] * k
     sim = GroupSimulation(local=[[] for _ in range(k)])
 
-    def outer_step(step: int) -> None:
+    def outer_sync(step: int) -> None:
         weights = [float(c) if weight_by_computed else 1.0 for c in computed]
         total = sum(weights)
         with torch.no_grad():
             for j, g in enumerate(global_params):
                 delta = sum(w * (g - list(n.parameters())[j]) for w, n in zip(weights, nets)) / total
-                momentum[j] = outer_momentum * momentum[j] + delta
-                g -= outer_lr * (delta + outer_momentum * momentum[j])
+                global_params[j], momentum[j] = outer_step(g, delta, momentum[j], outer_lr, outer_momentum)
             for j, b in enumerate(global_buffers):
                 b.copy_(sum(_float_buffers(n)[j] for n in nets) / k)
             for n in nets:
@@ -114,13 +115,13 @@ def simulate_groups(
             computed[w] += 1
         since_sync += 1
         if since_sync == inner_steps:
-            outer_step(s + 1)
+            outer_sync(s + 1)
             since_sync = 0
         sim.global_at[s + 1] = torch.cat([g.reshape(-1) for g in global_params])
         for w in range(k):
             sim.local[w].append(flat(nets[w]))
     if final_sync and since_sync:
-        outer_step(n_steps)
+        outer_sync(n_steps)
     for n in nets:
         state = {f"net.{name}": v.detach().clone() for name, v in n.state_dict().items() if v.is_floating_point()}
         sim.final.append(state)

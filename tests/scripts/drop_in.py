@@ -17,8 +17,8 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from torch.nn.utils import parametrize  # noqa: E402
 
 import lightning_diloco  # noqa: E402, F401
+from helpers.toy import ToyModule, loaders  # noqa: E402
 from lightning_diloco import DiLoCoStrategy  # noqa: E402
-from toy import ToyModule, loaders  # noqa: E402
 
 
 class EvalToy(ToyModule):

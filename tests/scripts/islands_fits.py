@@ -22,8 +22,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
+from helpers.toy import ToyModule, loaders  # noqa: E402
 from lightning_diloco import DiLoCoStrategy  # noqa: E402
-from toy import ToyModule, loaders  # noqa: E402
 
 SLOW_SECONDS = 0.25  # per computed step of rank 1 in the speed-weighted fit
 

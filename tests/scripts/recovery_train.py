@@ -30,9 +30,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 
+from helpers.toy import ToyModule, loaders  # noqa: E402
 from lightning_diloco import DiLoCoStrategy  # noqa: E402
 from lightning_diloco.checkpoint_io import AtomicCheckpointIO  # noqa: E402
-from toy import ToyModule, loaders  # noqa: E402
 
 WHERE = ("mid_round", "in_sync", "in_checkpoint_write")
 

@@ -13,8 +13,8 @@ import torch  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
 import lightning_diloco  # noqa: E402, F401
+from helpers.toy import ToyModule, loaders  # noqa: E402
 from lightning_diloco import DiLoCoStrategy  # noqa: E402
-from toy import ToyModule, loaders  # noqa: E402
 
 
 def main() -> None:

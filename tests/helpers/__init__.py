@@ -1,0 +1,1 @@
+"""What the tests share: the toy model, the one-process simulations of DiLoCo workers and the subprocess launcher."""
