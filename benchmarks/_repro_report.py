@@ -13,10 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-if __package__:
-    from . import _repro_lib as lib
-else:  # imported by `python benchmarks/reproduce.py`, run as a file: this folder is first on sys.path
-    import _repro_lib as lib  # type: ignore[no-redef]
+from . import _repro_lib as lib
 
 #: The papers' numbers (validation perplexity unless said otherwise). DiLoCo: Douillard et al. 2023 (150M model, C4,
 #: 8 workers, H = 500). Streaming DiLoCo: Douillard et al. 2025 (1B model, loss).

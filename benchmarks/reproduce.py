@@ -32,10 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-if __package__:
-    from . import _repro_lib as lib
-else:  # run as a file, `python benchmarks/reproduce.py`: this folder is first on sys.path
-    import _repro_lib as lib  # type: ignore[no-redef]
+from . import _repro_lib as lib
 
 #: The repository root: every launch runs ``python -m benchmarks._repro_train`` from there.
 ROOT = Path(__file__).resolve().parent.parent
@@ -219,10 +216,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         log(f"runs finished in {time.time() - started:.0f}s{missing}")
     if args.no_report:
         return 1 if failed else 0
-    if __package__:  # matplotlib is only needed now
-        from . import _repro_report as report
-    else:
-        import _repro_report as report  # type: ignore[no-redef]
+    from . import _repro_report as report  # matplotlib is only needed now
 
     written = report.write_report(args.size, pretrain, runs, report_dir, time.time() - started)
     log(f"report: {', '.join(str(p.relative_to(report_dir)) for p in written)} in {report_dir}")

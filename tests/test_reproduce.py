@@ -1,4 +1,4 @@
-"""Smoke test of ``benchmarks/reproduce.py``: every run of the plan takes a few steps, every table and plot appears."""
+"""Smoke test of ``python -m benchmarks.reproduce``: every run of the plan takes a few steps, every table and plot appears."""
 
 import csv
 import json
@@ -9,7 +9,7 @@ import pytest
 
 from helpers.launch import ROOT, run
 
-SCRIPT = ROOT / "benchmarks" / "reproduce.py"
+REPRODUCE = [sys.executable, "-m", "benchmarks.reproduce"]
 TABLES = ("table2", "h_sweep", "workers", "outer_optimizer", "iid_noniid", "compression")
 
 pytest.importorskip("matplotlib")
@@ -18,7 +18,7 @@ pytest.importorskip("matplotlib")
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("reproduce")
-    run([sys.executable, SCRIPT, "--size", "smoke", "--out", str(out)], timeout=600, cwd=ROOT)
+    run([*REPRODUCE, "--size", "smoke", "--out", str(out)], timeout=600, cwd=ROOT)
     return out
 
 
@@ -41,8 +41,7 @@ def test_raw_numbers(smoke: Path) -> None:
     summary = json.loads((smoke / "results.json").read_text())
     assert not summary["missing"]
     runs = summary["runs"]
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import _repro_lib as lib
+    from benchmarks import _repro_lib as lib
 
     _, plan = lib.build_plan("smoke", smoke)
     assert set(runs) == {spec["name"] for spec in plan}
@@ -67,6 +66,6 @@ def test_raw_numbers(smoke: Path) -> None:
 
 def test_finished_runs_are_skipped(smoke: Path) -> None:
     before = {p.name: p.stat().st_mtime_ns for p in (smoke / "runs").glob("*.json")}
-    proc = run([sys.executable, SCRIPT, "--size", "smoke", "--out", str(smoke), "--no-report"], timeout=300, cwd=ROOT)
+    proc = run([*REPRODUCE, "--size", "smoke", "--out", str(smoke), "--no-report"], timeout=300, cwd=ROOT)
     assert "launch" not in proc.stdout
     assert {p.name: p.stat().st_mtime_ns for p in (smoke / "runs").glob("*.json")} == before
