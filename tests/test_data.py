@@ -1,10 +1,7 @@
 """Tests of the language-modelling data pipeline."""
 
 import json
-import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -14,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data.distributed import DistributedSampler
 
+from helpers.launch import run_script
 from lightning_diloco.data import (
     DocumentSource,
     LMDataModule,
@@ -24,7 +22,6 @@ from lightning_diloco.data import (
     stdlib_root,
 )
 
-TESTS = Path(__file__).parent
 # the settings of tests/scripts/lm_shards.py: a small slice of the standard library
 SMALL = {"max_chars": 400_000, "vocab_size": 384, "seq_len": 32, "batch_size": 4, "val_fraction": 0.1, "seed": 3}
 
@@ -196,16 +193,7 @@ def test_train_loader_keeps_lightnings_hands_off(stdlib_dm):
 @pytest.mark.parametrize("sharding", ["noniid"])
 def test_two_process_run_uses_the_shards(stdlib_dm, cache_dir, tmp_path, sharding):
     """Under a real 2-process DDP run every rank trains on exactly its own ShardSampler shard."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("PL_GLOBAL_SEED", None)
-    proc = subprocess.run(
-        [sys.executable, str(TESTS / "scripts" / "lm_shards.py"), str(tmp_path), str(cache_dir), sharding, "ddp"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_script("lm_shards.py", str(tmp_path), str(cache_dir), sharding, "ddp")
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         assert result["sampler"] == "ShardSampler"
