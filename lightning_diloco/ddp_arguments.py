@@ -18,9 +18,9 @@ _DEFAULTS = {"find_unused_parameters": False, "static_graph": False, "gradient_a
              "broadcast_buffers": True}
 
 
-def ddp_keywords(bucket_cap_mb: Optional[float] = None, **keywords: Any) -> dict[str, Any]:
-    """The keyword arguments of the worker's ``DistributedDataParallel``; an unknown one is refused with the list of
-    what is accepted."""
+def ddp_keywords(**keywords: Any) -> dict[str, Any]:
+    """The keyword arguments of the worker's ``DistributedDataParallel``, as ``DDPStrategy`` keeps them: those given
+    (``None`` stands for DDP's default); an unknown one is refused with the list of what is accepted."""
     accepted = set(inspect.signature(DistributedDataParallel.__init__).parameters) - _SET_BY_STRATEGY
     unknown = sorted(set(keywords) - accepted)
     if unknown:
@@ -28,7 +28,7 @@ def ddp_keywords(bucket_cap_mb: Optional[float] = None, **keywords: Any) -> dict
             f"DiLoCoStrategy got unexpected keyword argument(s) {', '.join(f'`{k}`' for k in unknown)}. Besides its own"
             f" options it takes DDPStrategy's and those of `DistributedDataParallel`: {', '.join(sorted(accepted))}."
         )
-    return {**keywords, **({} if bucket_cap_mb is None else {"bucket_cap_mb": bucket_cap_mb})}
+    return {name: value for name, value in keywords.items() if value is not None}
 
 
 def unused_ddp_arguments(keywords: dict[str, Any], comm_hook: Optional[Callable]) -> str:

@@ -120,7 +120,8 @@ class DiLoCoStrategy(DDPStrategy):
         outer_bucket_cap_mb: the size of the flat buckets the pseudo-gradients travel in (one collective per bucket).
         find_unused_parameters: as in DDP, for the ``DistributedDataParallel`` inside a worker of several processes.
             A worker of one process has no ``DistributedDataParallel`` (nothing is reduced between steps), so this
-            and the other DDP keywords below have no effect there.
+            and the other DDP keywords below have no effect there. ``None`` leaves DDP's default, as when
+            ``DDPStrategy`` is not given the keyword.
         static_graph: as in DDP, for the ``DistributedDataParallel`` inside a worker of several processes.
         gradient_as_bucket_view: as in DDP, for the ``DistributedDataParallel`` inside a worker of several processes.
         broadcast_buffers: as in DDP, for the ``DistributedDataParallel`` inside a worker of several processes.
@@ -187,10 +188,10 @@ class DiLoCoStrategy(DDPStrategy):
         nonfinite: Literal["skip", "raise"] = DEFAULTS.nonfinite,
         speed_weighted: bool = DEFAULTS.speed_weighted,
         outer_bucket_cap_mb: float = DEFAULTS.outer_bucket_cap_mb,
-        find_unused_parameters: bool = False,
-        static_graph: bool = False,
-        gradient_as_bucket_view: bool = False,
-        broadcast_buffers: bool = True,
+        find_unused_parameters: Optional[bool] = None,
+        static_graph: Optional[bool] = None,
+        gradient_as_bucket_view: Optional[bool] = None,
+        broadcast_buffers: Optional[bool] = None,
         bucket_cap_mb: Optional[float] = None,
         **kwargs: Any,
     ) -> None:

@@ -55,6 +55,27 @@ def test_ddp_keywords_are_accepted_and_kept_for_the_workers_ddp():
     assert strategy._ddp_comm_hook is hook and strategy.config.inner_steps == 7 and strategy.config.outer_bucket_cap_mb == 128
 
 
+def test_ddp_keywords_are_kept_as_ddp_keeps_them_only_those_given():
+    # as Lightning's own test of its registry expects of DDPStrategy
+    assert DiLoCoStrategy()._ddp_kwargs == {}
+    assert DiLoCoStrategy(find_unused_parameters=False)._ddp_kwargs == {"find_unused_parameters": False}
+    assert DDPStrategy(find_unused_parameters=False)._ddp_kwargs == {"find_unused_parameters": False}
+
+
+def test_a_cli_default_strategy_with_ddp_keywords(monkeypatch):
+    from jsonargparse import lazy_instance
+
+    monkeypatch.setattr(sys, "argv", ["any.py", "--trainer.strategy.process_group_backend=gloo",
+                                      "--trainer.accelerator=cpu", "--trainer.logger=false"])
+    default = lazy_instance(DiLoCoStrategy, find_unused_parameters=True, inner_steps=9)
+    cli = LightningCLI(ToyModule, run=False, trainer_defaults={"strategy": default})
+    assert cli.config.trainer.strategy.init_args.find_unused_parameters is True
+    strategy = cli.config_init.trainer.strategy
+    assert isinstance(strategy, DiLoCoStrategy) and strategy is not default
+    assert strategy.process_group_backend == "gloo" and strategy.config.inner_steps == 9
+    assert strategy._ddp_kwargs == {"find_unused_parameters": True}
+
+
 def test_lightnings_registry_style_init_params_work():
     trainer = L.Trainer(
         strategy=DiLoCoStrategy(find_unused_parameters=False, start_method="spawn"), accelerator="cpu", devices=2,
