@@ -59,20 +59,25 @@ class Census:
         """Every worker's share in the mean, from the table of everyone's rows (outer step started at ``step``).
 
         Raises:
-            OuterSyncError: if no worker's pseudo-gradient is finite, or one is not and ``nonfinite="raise"``.
+            OuterSyncError: if a worker's pseudo-gradient is not finite and ``nonfinite="raise"``.
         """
         self.seconds_per_step = table[:, 1].tolist()
         shares = table[:, 0].tolist()
         dropped = [w for w, share in enumerate(shares) if share == 0]
         if dropped:
             message = f"The pseudo-gradient of worker(s) {dropped} is not finite (NaN or inf) at optimizer step {step}."
-            if self.nonfinite == "raise" or len(dropped) == len(shares):
+            if self.nonfinite == "raise":
                 raise OuterSyncError(
                     message + " Nothing reached the global weights. Lower the learning rate, clip gradients, or use"
                     " `nonfinite='skip'` to drop such workers from the outer step."
                 )
-            self._warn(message + " Their contribution is dropped from this outer step and they restart from the"
-                       " global weights with a fresh inner optimizer state.")
+            if len(dropped) == len(shares):
+                self._warn(message + " No worker is healthy: this outer step leaves the global weights as they were,"
+                           " and every worker restarts from them with a fresh inner optimizer state. Lower the"
+                           " learning rate or clip gradients if it happens again.")
+            else:
+                self._warn(message + " Their contribution is dropped from this outer step and they restart from the"
+                           " global weights with a fresh inner optimizer state.")
         return shares
 
     def next_round(self, me: int) -> None:

@@ -180,7 +180,7 @@ class Rounds:
             if sync.buffers:
                 healthy = float(sum(1 for s in sync.shares if s > 0))
                 stats = stats + self.workers.average_buffers_(
-                    list(sync.buffers.values()), c.outer_bucket_cap_mb, float(share > 0), healthy
+                    list(sync.buffers.values()), c.outer_bucket_cap_mb, float(share > 0), max(healthy, 1.0)
                 )
         except OuterSyncError:
             raise
@@ -200,7 +200,7 @@ class Rounds:
         fragment = sync.fragment
         if healthy:
             self.outer.step(sync.deltas, fragment.params)  # line 11
-        if sync.buffers:
+        if sync.buffers and healthy:  # with no healthy worker the global buffers stay as they were
             self.outer.set_buffers(sync.buffers)
         # an overlapped sync mixes; one with no inner step since it started holds all local progress, so lands whole
         mixing = self.config.overlap_mixing if sync.overlapped and self.step > sync.started and mine else 0.0

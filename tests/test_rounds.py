@@ -125,8 +125,27 @@ def test_flush_lands_a_sync_that_just_started_whole_and_closes_open_rounds():
         assert all(not f.has_open_round(loop.rounds.step) for f in loop.rounds.fragments)
 
 
-def test_a_worker_whose_pseudo_gradient_is_not_finite_stops_the_outer_step_when_it_is_alone():
+def test_a_lone_non_finite_worker_restarts_from_unchanged_global_weights():
+    """With ``nonfinite="skip"`` a step where no worker is healthy leaves the global weights and buffers as they were,
+    and the worker restarts from them (training goes on, so the user's callbacks see the NaN loss and decide)."""
     loop = Loop(inner_steps=2)
+    loop.inner_step()
+    global_before = [g.detach().clone() for g in loop.rounds.outer.params]
+    buffers_before = {n: b.clone() for n, b in loop.rounds.outer.buffers.items()}
+    with torch.no_grad():
+        loop.module[0].weight[0, 0] = float("nan")
+    loop.inner_step()
+    (landed,) = loop.landed
+    assert landed.healthy == 0 and loop.restarts == 1
+    assert "No worker is healthy" in loop.warnings[-1]
+    for p, g, before in zip(loop.module.parameters(), loop.rounds.outer.params, global_before):
+        assert torch.equal(g.detach(), before) and torch.equal(p.detach(), before)
+    for name, before in buffers_before.items():
+        assert torch.equal(loop.rounds.outer.buffers[name], before)
+
+
+def test_a_non_finite_worker_stops_the_run_with_nonfinite_raise():
+    loop = Loop(inner_steps=2, nonfinite="raise")
     loop.inner_step()
     with torch.no_grad():
         loop.module[0].weight[0, 0] = float("nan")
