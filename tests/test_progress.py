@@ -1,7 +1,7 @@
 """Tests of the step progress bar and the closing line of ``fit`` (lightning_diloco/progress.py)."""
 
 import logging
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import lightning as L
 import numpy as np

@@ -45,11 +45,11 @@ def test_raw_numbers(smoke: Path) -> None:
 
     _, plan = lib.build_plan("smoke", smoke)
     assert set(runs) == {spec["name"] for spec in plan}
-    for name, run in runs.items():
-        assert run["final_val_ppl"] > 1, name
-        steps = [point["step"] for point in run["curve"]]
+    for name, result in runs.items():
+        assert result["final_val_ppl"] > 1, name
+        steps = [point["step"] for point in result["curve"]]
         assert steps[0] == 0 and steps[-1] == lib.SIZES["smoke"]["steps"], name
-        assert all(point["bytes"] >= 0 for point in run["curve"]), name
+        assert all(point["bytes"] >= 0 for point in result["curve"]), name
     k = lib.SIZES["smoke"]["k"]
     assert runs["single"]["bytes_sent"] == 0
     assert runs["diloco_k1"]["bytes_sent"] == 0
