@@ -313,4 +313,10 @@ def main(args: Optional[list[str]] = None) -> None:
     Args:
         args: Command-line arguments; ``sys.argv[1:]`` when ``None``.
     """
+    given = list(sys.argv[1:] if args is None else args)
+    if given[:1] == ["coordinator"]:  # the coordinator of islands mode is not a Lightning run
+        from lightning_diloco.coordinator import main as coordinator
+
+        coordinator(given[1:])
+        return
     build_cli(args)

@@ -39,11 +39,16 @@ class DiLoCoConfig:
     nonfinite: Literal["skip", "raise"] = "skip"
     speed_weighted: bool = False
     outer_bucket_cap_mb: float = 128.0
+    coordinator: Optional[str] = None
+    island: Optional[str] = None
+    island_address: Optional[str] = None
+    quorum_timeout: float = 600.0
 
     def __post_init__(self) -> None:
         _check_steps(self)
         _check_outer_optimizer(self)
         _check_sync(self)
+        _check_islands(self)
         if self.outer_device is not None:
             try:
                 object.__setattr__(self, "outer_device", torch.device(self.outer_device))
@@ -51,6 +56,11 @@ class DiLoCoConfig:
                 raise ValueError(
                     f"`outer_device={self.outer_device!r}` is not a device; use 'cpu', 'cuda' or 'cuda:N'."
                 ) from err
+
+    @property
+    def islands(self) -> bool:
+        """Whether this run is one island of several independent jobs (``coordinator`` is set)."""
+        return self.coordinator is not None
 
     @property
     def overlapped(self) -> bool:
@@ -139,6 +149,36 @@ def _check_sync(config: DiLoCoConfig) -> None:  # noqa: C901 (one check per opti
         )
     if not config.outer_bucket_cap_mb > 0:
         raise ValueError(f"`outer_bucket_cap_mb` must be positive, got {config.outer_bucket_cap_mb}.")
+
+
+def _check_islands(config: DiLoCoConfig) -> None:
+    if config.coordinator is None:
+        given = [name for name in ("island", "island_address") if getattr(config, name) is not None]
+        if given:
+            raise ValueError(
+                f"{', '.join(f'`{n}`' for n in given)} only apply to islands mode. Set `coordinator='http://HOST:PORT'`"
+                " (the address `lightning-diloco coordinator` prints) or leave them out."
+            )
+        return
+    if not isinstance(config.coordinator, str) or not config.coordinator.strip():
+        raise ValueError(f"`coordinator` must be the coordinator's address 'http://HOST:PORT', got {config.coordinator!r}.")
+    if "://" not in config.coordinator:
+        object.__setattr__(config, "coordinator", f"http://{config.coordinator}")
+    if not (isinstance(config.quorum_timeout, (int, float)) and config.quorum_timeout > 0):
+        raise ValueError(f"`quorum_timeout` must be a positive number of seconds, got {config.quorum_timeout!r}.")
+    unsupported = {
+        "compression": config.compression != "none", "overlap_steps": config.overlap_steps > 0,
+        "speed_weighted": config.speed_weighted, "sync_warmup_steps": config.sync_warmup_steps > 0,
+        "processes_per_worker": config.processes_per_worker != 1, "outer_backend": config.outer_backend == "nccl",
+    }
+    bad = [name for name, given in unsupported.items() if given]
+    if bad:
+        raise ValueError(
+            f"Islands mode (`coordinator=...`) does not support {', '.join(f'`{n}`' for n in bad)} yet: each island is"
+            " one DiLoCo worker (all its processes train one replica), and its outer steps are blocking and"
+            " uncompressed over gloo. Leave these arguments at their defaults, or train in one world without"
+            " `coordinator`."
+        )
 
 
 #: the defaults, read by the strategy's signature

@@ -16,6 +16,7 @@ of workers leaves open (:meth:`Rounds.close_round`). Who the workers are and how
 :class:`~lightning_diloco.outer.OuterState`'s.
 """
 
+import copy
 import math
 import time
 from collections import deque
@@ -33,6 +34,7 @@ from lightning_diloco.census import Census, OuterSyncError
 from lightning_diloco.collectives import CommStats
 from lightning_diloco.config import DiLoCoConfig
 from lightning_diloco.fragments import Fragment, make_fragments
+from lightning_diloco.islands import Fork, IslandsError, Quorum, fingerprint
 from lightning_diloco.outer import OuterState, float_buffers
 from lightning_diloco.workers import Workers
 
@@ -71,6 +73,8 @@ class Sync:
     future: Optional["Future[None]"] = field(default=None, repr=False)
     started_at: float = field(default_factory=time.perf_counter)
     exchange_seconds: float = 0.0
+    healthy: Optional[int] = None  # workers whose pseudo-gradients made the mean (from the shares if None)
+    healed: bool = False  # this worker took a peer's state in this outer step, and contributed nothing
 
     @property
     def overlapped(self) -> bool:
@@ -123,6 +127,7 @@ class Rounds:
         self.step = 0  # inner steps taken under DiLoCo
         self.pending: deque[Sync] = deque()
         self.warned_short_overlap = False
+        self.quorum: Optional[Quorum] = getattr(workers, "quorum", None)  # islands mode
 
     def _make_fragments(self, last_sync: Optional[Sequence[int]] = None) -> list[Fragment]:
         numels = [p.numel() for p in self.outer.locals]
@@ -154,6 +159,10 @@ class Rounds:
             assert self._executor is not None
             sync.future = self._executor.submit(self._average, sync, row)
             self.pending.append(sync)
+        elif self.quorum is not None:
+            landing = self._average_in_quorum(sync, row)  # line 10, among the islands present
+            if landing is not None:
+                self.land(landing)
         else:
             self._average(sync, row)  # line 10
             self.land(sync)
@@ -195,7 +204,7 @@ class Rounds:
         blocked = time.perf_counter() - waited
         if sync.overlapped and self.step >= sync.lands_at and sync.stats is not None:
             self._warn_if_overlap_too_short(sync, blocked, waited - sync.started_at)
-        healthy = sum(1 for s in sync.shares if s > 0)
+        healthy = sync.healthy if sync.healthy is not None else sum(1 for s in sync.shares if s > 0)
         mine = sync.shares[self.workers.index] > 0
         fragment = sync.fragment
         if healthy:
@@ -205,12 +214,86 @@ class Rounds:
         # an overlapped sync mixes; one with no inner step since it started holds all local progress, so lands whole
         mixing = self.config.overlap_mixing if sync.overlapped and self.step > sync.started and mine else 0.0
         self.outer.copy_to(self.module, fragment.params, mixing, buffers=bool(sync.buffers))  # line 12
-        if not mine:
+        if not mine and not sync.healed:
             self._restart_inner()
         fragment.last_sync = sync.started
         if fragment.carries_buffers:
             self.census.next_round(self.workers.index)
         self._report(Landed(sync, self.outer.outer_step, blocked, healthy))
+
+    # -- islands ----------------------------------------------------------------------------------------------------
+
+    def join(self) -> None:
+        """Islands mode, before training: take part in the islands' next outer step, healing from a peer if behind."""
+        assert self.quorum is not None
+        landing = self._average_in_quorum(None, torch.zeros(2, dtype=torch.float64))
+        if landing is not None:
+            self.land(landing)
+
+    def _average_in_quorum(self, sync: Optional[Sync], row: Tensor) -> Optional[Sync]:
+        """Line 10 among islands (:mod:`lightning_diloco.islands`): attempts until the islands commit one outer step.
+
+        An attempt that fails (a peer died inside it, the islands' states differ) starts again from this island's
+        unchanged pseudo-gradient, with a new quorum. An island that heals in an attempt takes part in the sync the
+        others are in, with nothing of its own; ``None`` means there is no sync to land (at a start-up quorum).
+        """
+        quorum = self.quorum
+        assert quorum is not None
+        kept = None if sync is None else ([d.clone() for d in sync.deltas], {n: b.clone() for n, b in sync.buffers.items()})
+        started = time.monotonic()
+        while True:
+            if quorum.begin():
+                sync, kept, row = self._sync_in_progress(), None, torch.zeros(2, dtype=torch.float64)
+            failed: Optional[BaseException] = None
+            try:
+                quorum.agree(self._digest(), self.step)
+                if sync is not None:
+                    self._average(sync, row)
+            except (RuntimeError, Fork) as err:
+                failed = err
+            if quorum.commit(failed):
+                if sync is not None:
+                    sync.healthy = getattr(self.workers, "healthy", None)
+                return sync
+            if time.monotonic() - started > quorum.options.quorum_timeout:
+                raise IslandsError(
+                    f"The islands committed no outer step in {quorum.options.quorum_timeout} s (`quorum_timeout`) of"
+                    f" retries; the last attempt failed with: {failed}. Resume every island from its last checkpoint."
+                ) from failed
+            if kept is not None and sync is not None:
+                for d, k in zip(sync.deltas, kept[0]):
+                    d.copy_(k)
+                for name, b in kept[1].items():
+                    sync.buffers[name].copy_(b)
+
+    def _sync_in_progress(self) -> Optional[Sync]:
+        """After a heal: the sync of the fragment whose round ends at the (peers') current step, with zeros."""
+        due = [f for f in self.fragments if f.is_due(self.step, self.config.inner_steps) and f.last_sync < self.step]
+        if not due:
+            return None
+        fragment = due[0]
+        deltas = [torch.zeros(self.outer.params[i].shape, device=self.device) for i in fragment.params]
+        buffers = {}
+        if fragment.carries_buffers:
+            buffers = {n: torch.zeros(b.shape, device=self.device) for n, b in float_buffers(self.module)}
+        return Sync(fragment, self.step, self.step, deltas, buffers, shares=[0.0], healed=True)
+
+    def _digest(self) -> int:
+        """The fingerprint of the global state: weights, outer optimizer state and round counters."""
+        outer = self.outer
+        state = outer.optimizer.state_dict()["state"]
+        tensors = list(outer.params) + [v for k in sorted(state) for v in state[k].values() if isinstance(v, Tensor)]
+        counters = [self.step, outer.outer_step, *(f.last_sync for f in self.fragments)]
+        return fingerprint(tensors + [torch.tensor(counters, dtype=torch.int64)])
+
+    def heal_state(self) -> dict[str, Any]:
+        """What a healing island receives from this one: the global state and the round counters (copies: this island
+        goes on with its outer step while the peer reads them)."""
+        return copy.deepcopy({"rounds": self.state_dict(), "outer": self.outer.state_dict()})
+
+    def load_heal_state(self, state: dict[str, Any]) -> None:
+        self.outer.load_state_dict(state["outer"])
+        self.load_state_dict(state["rounds"])
 
     def land_pending(self) -> None:
         """Land every sync in flight now."""

@@ -7,6 +7,7 @@ This module is the Lightning lifecycle only: each hook delegates in a few lines.
 set-ups that run but not as expected are :mod:`lightning_diloco.advice`.
 """
 
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from lightning_diloco import advice, checkpointing
 from lightning_diloco.census import Census, OuterSyncError
 from lightning_diloco.checkpoint_io import AtomicCheckpointIO
 from lightning_diloco.elastic import attempt_store
+from lightning_diloco.islands import IslandOptions, IslandWorkers, Quorum
 from lightning_diloco.config import DEFAULTS, DiLoCoConfig
 from lightning_diloco.ddp_arguments import check_ddp_arguments, ddp_keywords, unused_ddp_arguments
 from lightning_diloco.outer import OuterOptimizerCallable, OuterState, float_buffers
@@ -118,6 +120,15 @@ class DiLoCoStrategy(DDPStrategy):
         speed_weighted: let slower workers compute fewer of the H steps of a round (in proportion to their measured
             speed) and weight pseudo-gradients by the steps each computed, so fast workers do not wait at syncs.
         outer_bucket_cap_mb: the size of the flat buckets the pseudo-gradients travel in (one collective per bucket).
+        coordinator: islands mode: the address ``http://HOST:PORT`` of the coordinator (``lightning-diloco
+            coordinator``). This run is then one island, a job of its own whose processes train one replica (one
+            DiLoCo worker); islands join, leave and heal from each other at outer steps (see ``docs/islands.md``).
+            Needs ``pip install lightning-diloco[islands]``.
+        island: islands mode: this island's name in logs and on the coordinator (default: the host name).
+        island_address: islands mode: the host name or address at which the other islands reach this island
+            (default: the host name).
+        quorum_timeout: islands mode: seconds to wait for a quorum (the coordinator, or its ``--min-islands``) before
+            stopping with :class:`~lightning_diloco.islands.IslandsError`.
         find_unused_parameters: as in DDP, for the ``DistributedDataParallel`` inside a worker of several processes.
             A worker of one process has no ``DistributedDataParallel`` (nothing is reduced between steps), so this
             and the other DDP keywords below have no effect there. ``None`` leaves DDP's default, as when
@@ -188,6 +199,10 @@ class DiLoCoStrategy(DDPStrategy):
         nonfinite: Literal["skip", "raise"] = DEFAULTS.nonfinite,
         speed_weighted: bool = DEFAULTS.speed_weighted,
         outer_bucket_cap_mb: float = DEFAULTS.outer_bucket_cap_mb,
+        coordinator: Optional[str] = None,
+        island: Optional[str] = None,
+        island_address: Optional[str] = None,
+        quorum_timeout: float = DEFAULTS.quorum_timeout,
         find_unused_parameters: Optional[bool] = None,
         static_graph: Optional[bool] = None,
         gradient_as_bucket_view: Optional[bool] = None,
@@ -203,6 +218,7 @@ class DiLoCoStrategy(DDPStrategy):
             num_fragments=num_fragments, overlap_steps=overlap_steps, overlap_mixing=overlap_mixing,
             processes_per_worker=processes_per_worker, outer_backend=outer_backend, sync_timeout=sync_timeout,
             nonfinite=nonfinite, speed_weighted=speed_weighted, outer_bucket_cap_mb=outer_bucket_cap_mb,
+            coordinator=coordinator, island=island, island_address=island_address, quorum_timeout=quorum_timeout,
         )
         super().__init__(
             accelerator=accelerator,
@@ -248,8 +264,18 @@ class DiLoCoStrategy(DDPStrategy):
 
     @property
     def num_workers(self) -> int:
-        """The number of DiLoCo workers (processes divided by ``processes_per_worker``)."""
-        return self.world_size // self.config.processes_per_worker
+        """The number of DiLoCo workers (processes divided by ``processes_per_worker``; 1 for an island)."""
+        return self.world_size // self._processes_per_worker
+
+    @property
+    def _processes_per_worker(self) -> int:
+        """G: the processes of one worker (all of an island's in islands mode)."""
+        return self.world_size if self.config.islands else self.config.processes_per_worker
+
+    @property
+    def quorum(self) -> Optional[Quorum]:
+        """The link to the other islands (islands mode only)."""
+        return self.workers.quorum if isinstance(self.workers, IslandWorkers) else None
 
     # ------------------------------------------------------------------------------------------------------------
     # Set-up: process groups, no DistributedDataParallel across workers, identical start, one optimizer
@@ -283,8 +309,34 @@ class DiLoCoStrategy(DDPStrategy):
         self._join_process_group()
         c = self.config
         timeout = timedelta(seconds=c.sync_timeout) if c.sync_timeout is not None else self._timeout
-        self.topology = build_topology(c.processes_per_worker, c.outer_backend, timeout or default_pg_timeout)
+        if c.islands:  # the island's processes wait for their leader while it waits for a quorum
+            timeout = timedelta(seconds=3 * c.quorum_timeout + 60)
+        self.topology = build_topology(self._processes_per_worker, c.outer_backend, timeout or default_pg_timeout)
         self.workers = ProcessGroupWorkers(self.topology)
+        if c.islands:
+            self.workers = IslandWorkers(self.workers, self._connect_island())
+
+    def _connect_island(self) -> Quorum:
+        """This island's link to the coordinator and the other islands (see :mod:`lightning_diloco.islands`)."""
+        assert self.topology is not None
+        c = self.config
+        assert c.coordinator is not None
+        host = socket.gethostname()
+        options = IslandOptions(
+            coordinator=c.coordinator, island=c.island or host, address=c.island_address or host,
+            quorum_timeout=c.quorum_timeout, sync_timeout=c.sync_timeout or 60.0,
+        )
+        group = self.topology.control if self.topology.world_size > 1 else None
+
+        def load(state: Any) -> None:
+            assert self.rounds is not None
+            self.rounds.load_heal_state(state)
+
+        def save() -> Any:
+            assert self.rounds is not None
+            return self.rounds.heal_state()
+
+        return Quorum(options, group, save, load, rank_zero_info)
 
     def _join_process_group(self) -> None:
         """``DDPStrategy.setup_distributed``, but restarted torchrun workers never read the keys of killed ones.
@@ -311,7 +363,7 @@ class DiLoCoStrategy(DDPStrategy):
                 "`Trainer(sync_batchnorm=True)` would all-reduce BatchNorm statistics at every step, which DiLoCo"
                 " exists to avoid. Set `sync_batchnorm=False`: DiLoCo averages BatchNorm buffers at every outer step."
             )
-        check_processes_per_worker(self.config.processes_per_worker, self.world_size)
+        check_processes_per_worker(self._processes_per_worker, self.world_size)
         self._fitting = trainer.state.fn == TrainerFn.FITTING
         super().setup(trainer)
         if not self._fitting:
@@ -358,7 +410,7 @@ class DiLoCoStrategy(DDPStrategy):
     def _communication_device(self, outer: OuterState) -> torch.device:
         """Where pseudo-gradients are built and sent: on the accelerator for nccl, on the CPU for gloo."""
         assert self.topology is not None
-        if self.topology.outer_backend == "nccl":
+        if self.topology.outer_backend == "nccl" and not self.config.islands:
             return self.root_device
         return torch.device("cpu") if self.root_device.type != "cpu" else outer.device
 
@@ -367,7 +419,7 @@ class DiLoCoStrategy(DDPStrategy):
         """Start every process from rank 0's weights; wrap in DDP only inside a worker of several processes."""
         assert self.model is not None and self.topology is not None
         _sync_module_states(self.model)
-        if self.config.processes_per_worker > 1:
+        if self._processes_per_worker > 1:
             self._ddp_kwargs["process_group"] = self.topology.intra
             super().configure_ddp()
             return
@@ -382,6 +434,8 @@ class DiLoCoStrategy(DDPStrategy):
         trainer = self.lightning_module.trainer
         done = self.warmup_taken + (self.rounds.step if self.rounds else 0)
         outer_steps = self.outer.outer_step if self.outer is not None else 0
+        if self.rounds is not None and self.rounds.quorum is not None:
+            self._timed_outer(self.rounds.join)  # heal from a live island if this one is behind
         for message in (advice.no_outer_step_in_time(trainer, self.config, done, outer_steps),
                         advice.per_step_collectives(trainer)):
             if message:
@@ -485,6 +539,9 @@ class DiLoCoStrategy(DDPStrategy):
         metrics["diloco/own_seconds_per_step"] = self.timings.own_seconds / max(self.timings.steps, 1)
         if self.config.speed_weighted and self.census is not None:
             metrics["diloco/round_budget"] = float(self.census.budget)
+        if self.quorum is not None:
+            metrics.update({"diloco/islands": float(self.quorum.islands), "diloco/heals": float(self.quorum.heals),
+                            "diloco/forks": float(self.quorum.forks)})
         self.last_metrics = metrics
         module = self.lightning_module
         assert module is not None
@@ -504,8 +561,14 @@ class DiLoCoStrategy(DDPStrategy):
             optimizer.state.clear()
 
     def flush(self) -> None:
-        """Land every sync in flight and close every open round, so that all workers hold the global weights."""
-        if self.rounds is not None:
+        """Land every sync in flight and close every open round, so that all workers hold the global weights.
+
+        Islands end with the global weights of their last committed outer step: they do not meet outside the
+        schedule, so the local progress of a round that ``fit`` stops in is not kept.
+        """
+        if self.rounds is not None and self.rounds.quorum is not None:
+            self.rounds.outer.copy_to(self.rounds.module)
+        elif self.rounds is not None:
             self._timed_outer(self.rounds.flush)
 
     @override
@@ -516,6 +579,8 @@ class DiLoCoStrategy(DDPStrategy):
 
     @override
     def teardown(self) -> None:
+        if self.quorum is not None:
+            self.quorum.close()
         if self._executor is not None:
             # syncs still in flight here belong to a failed run; do not wait for them (they time out by themselves)
             in_flight = self.rounds is not None and bool(self.rounds.pending)
@@ -587,9 +652,11 @@ class DiLoCoStrategy(DDPStrategy):
         if self.is_global_zero:
             assert workers is not None
             checkpoint[checkpointing.CHECKPOINT_KEY] = checkpointing.diloco_entry(
-                self.config, rounds, self.rounds.outer, workers[:: self.config.processes_per_worker],
+                self.config, rounds, self.rounds.outer, workers[:: self._processes_per_worker],
                 self.warmup_taken, self.bytes_sent,
             )
+            if self.quorum is not None:
+                checkpoint[checkpointing.CHECKPOINT_KEY]["islands"] = self.quorum.state_dict()
 
     @override
     def load_model_state_dict(self, checkpoint: dict[str, Any], strict: bool = True) -> None:
@@ -632,6 +699,8 @@ class DiLoCoStrategy(DDPStrategy):
             state, self.rounds, self.census, self.optimizers, checkpoint["optimizer_states"], module.load_state_dict,
             lambda optimizer: _optimizer_to_device(optimizer, self.root_device), rank_zero_warn,
         )
+        if self.quorum is not None and "islands" in state:
+            self.quorum.load_state_dict(state["islands"])
 
     # ------------------------------------------------------------------------------------------------------------
     # Registry
