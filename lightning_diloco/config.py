@@ -161,7 +161,9 @@ def _check_islands(config: DiLoCoConfig) -> None:
             )
         return
     if not isinstance(config.coordinator, str) or not config.coordinator.strip():
-        raise ValueError(f"`coordinator` must be the coordinator's address 'http://HOST:PORT', got {config.coordinator!r}.")
+        raise ValueError(
+            f"`coordinator` must be the coordinator's address 'http://HOST:PORT', got {config.coordinator!r}."
+        )
     if "://" not in config.coordinator:
         object.__setattr__(config, "coordinator", f"http://{config.coordinator}")
     if not (isinstance(config.quorum_timeout, (int, float)) and config.quorum_timeout > 0):

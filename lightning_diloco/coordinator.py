@@ -37,7 +37,9 @@ def start_coordinator(
     if min_islands < 1:
         raise ValueError(f"`min_islands` must be at least 1, got {min_islands}.")
     if not grace > 0 or not heartbeat_timeout > 0:
-        raise ValueError(f"`grace` and `heartbeat_timeout` must be positive seconds, got {grace} and {heartbeat_timeout}.")
+        raise ValueError(
+            f"`grace` and `heartbeat_timeout` must be positive seconds, got {grace} and {heartbeat_timeout}."
+        )
     require_torchft()
     from torchft._torchft import LighthouseServer
 

@@ -183,7 +183,9 @@ class Quorum:
                     waited = time.monotonic() - started
                     if waited >= self.options.quorum_timeout:
                         raise self._no_quorum(waited, err) from err
-                    self._inform(f"Island {self.options.island}: no quorum yet ({err}); reconnecting to the coordinator.")
+                    self._inform(
+                        f"Island {self.options.island}: no quorum yet ({err}); reconnecting to the coordinator."
+                    )
                     time.sleep(min(1.0, self.options.quorum_timeout / 10))
                     self._reconnect()
             healed = self._healed

@@ -239,7 +239,9 @@ class Rounds:
         """
         quorum = self.quorum
         assert quorum is not None
-        kept = None if sync is None else ([d.clone() for d in sync.deltas], {n: b.clone() for n, b in sync.buffers.items()})
+        kept = None
+        if sync is not None:
+            kept = ([d.clone() for d in sync.deltas], {n: b.clone() for n, b in sync.buffers.items()})
         started = time.monotonic()
         while True:
             if quorum.begin():

@@ -168,7 +168,8 @@ def main() -> None:
     data = Subset(ToyData(), list(range(args.index, 64, args.num_islands)))
     model = ToyModule()
     last = os.path.join(ckpt_dir, "last.ckpt")
-    trainer.fit(model, DataLoader(data, batch_size=4, drop_last=True), ckpt_path=last if args.resume and os.path.exists(last) else None)
+    resume = last if args.resume and os.path.exists(last) else None
+    trainer.fit(model, DataLoader(data, batch_size=4, drop_last=True), ckpt_path=resume)
 
     assert strategy.rounds is not None
     outer = strategy.rounds.outer
