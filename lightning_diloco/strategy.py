@@ -586,6 +586,8 @@ class DiLoCoStrategy(DDPStrategy):
             in_flight = self.rounds is not None and bool(self.rounds.pending)
             self._executor.shutdown(wait=not in_flight, cancel_futures=True)
             self._executor = None
+        if self.topology is not None and not (self.rounds is not None and self.rounds.pending):
+            self.topology.release()
         super().teardown()
 
     # ------------------------------------------------------------------------------------------------------------

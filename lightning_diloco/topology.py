@@ -41,6 +41,19 @@ class Topology:
     intra: Optional[dist.ProcessGroup] = None
     intra_sync: Optional[dist.ProcessGroup] = None
 
+    def release(self) -> None:
+        """Destroy this topology's groups (at the end of ``fit``; the next one builds them again).
+
+        A gloo group joins its threads only when it is destroyed and no longer referenced. Left to the interpreter's
+        exit, a gloo thread can still be releasing the tensors of the last outer all-reduce while Python finalizes,
+        and the process aborts (``terminate called without an active exception``).
+        """
+        for name in ("control", "outer", "intra", "intra_sync"):
+            group = getattr(self, name)
+            if group is not None:
+                dist.destroy_process_group(group)
+                setattr(self, name, None)
+
     @property
     def num_workers(self) -> int:
         return self.world_size // self.processes_per_worker

@@ -22,6 +22,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
+from clean_exit import close_process_groups  # noqa: E402
 from helpers.toy import ToyModule, loaders  # noqa: E402
 from lightning_diloco import DiLoCoStrategy  # noqa: E402
 
@@ -33,6 +34,21 @@ class OuterStepLog(Callback):
 
     def __init__(self) -> None:
         self.metrics: list[dict[str, float]] = []
+        self.topology: dict[str, Any] = {}
+        self.groups: dict[str, Any] = {}  # held past `fit`: the strategy releases its groups at its teardown
+
+    def on_train_end(self, trainer: L.Trainer, *args: Any) -> None:
+        topology = trainer.strategy.topology
+        self.groups = {"outer": topology.outer, "control": topology.control}
+        self.topology = {
+            "outer_backend": topology.outer_backend,
+            "outer_group_backend": str(dist.get_backend(topology.outer)),
+            "default_backend": str(dist.get_backend()),
+            "outer_is_default_group": topology.outer is dist.group.WORLD,
+            "outer_ranks": dist.get_process_group_ranks(topology.outer),
+            "outer_name": topology.outer.group_name,
+            "default_name": dist.group.WORLD.group_name,
+        }
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         self._take(trainer)
@@ -65,23 +81,17 @@ def fit(inner_steps: int, max_steps: int, **strategy_kwargs: Any) -> dict[str, A
     model = ToyModule()
     train, _ = loaders()
     trainer.fit(model, train)
-    topology = strategy.topology
-    assert topology is not None
+    assert strategy.topology is not None and strategy.topology.outer is None, "the strategy kept its groups"
     record = dict(model.record)
     record["final"] = {k: v.clone() for k, v in model.state_dict().items()}
     record["outer_steps"] = log.metrics
     record["topology"] = {
-        "outer_backend": topology.outer_backend,
-        "outer_group_backend": str(dist.get_backend(topology.outer)),
-        "default_backend": str(dist.get_backend()),
-        "outer_is_default_group": topology.outer is dist.group.WORLD,
-        "outer_ranks": dist.get_process_group_ranks(topology.outer),
-        "outer_name": topology.outer.group_name,
-        "default_name": dist.group.WORLD.group_name,
-        "outer_collectives": sequence_number(topology.outer),
-        "control_collectives": sequence_number(topology.control),
+        **log.topology,
+        "outer_collectives": sequence_number(log.groups["outer"]),
+        "control_collectives": sequence_number(log.groups["control"]),
         "default_collectives": sequence_number(dist.group.WORLD) - world_before,
     }
+    log.groups.clear()
     return record
 
 
@@ -109,3 +119,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    close_process_groups()  # with main's Trainer gone: no gloo thread outlives the interpreter

@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from clean_exit import close_process_groups
 import lightning_diloco  # noqa: F401  (registers strategy="diloco")
 from lightning_diloco.data import LMDataModule
 
@@ -72,3 +73,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    close_process_groups()  # with main's Trainer gone: no gloo thread outlives the interpreter

@@ -12,6 +12,7 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
+from clean_exit import close_process_groups  # noqa: E402
 import lightning_diloco  # noqa: E402, F401
 from helpers.toy import ToyModule, loaders  # noqa: E402
 from lightning_diloco import DiLoCoStrategy  # noqa: E402
@@ -114,3 +115,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    close_process_groups()  # with main's Trainer gone: no gloo thread outlives the interpreter
