@@ -171,35 +171,44 @@ class Quorum:
 
     def begin(self) -> bool:
         """Form a quorum; return whether this island was behind and now holds a peer's state."""
-        healed, members = None, 0
+        healed, members, failure = None, 0, None
         if self.leader:
-            self._healed = None
-            started = time.monotonic()
-            while True:
-                try:
-                    self._manager.start_quorum()
-                    break
-                except Exception as err:  # noqa: BLE001 (torchft raises TimeoutError, RuntimeError, its own kinds)
-                    waited = time.monotonic() - started
-                    if waited >= self.options.quorum_timeout:
-                        raise self._no_quorum(waited, err) from err
-                    self._inform(
-                        f"Island {self.options.island}: no quorum yet ({err}); reconnecting to the coordinator."
-                    )
-                    time.sleep(min(1.0, self.options.quorum_timeout / 10))
-                    self._reconnect()
-            healed = self._healed
-            self._healed = None
-            if healed is not None:
-                self._committed = dict(self._manager.state_dict())
-            members = self._manager.num_participants()
-        healed, self.members = self._share_object((healed, members if self.leader else 0))
+            try:
+                healed, members = self._quorum()
+            except IslandsError as err:
+                failure = str(err)
+        healed, self.members, self._committed, failure = self._share_object(
+            (healed, members, self._committed, failure)
+        )
+        if failure is not None:  # on every process of the island, so that none waits for the others
+            raise IslandsError(failure)
         if healed is not None:
             self._load_state_dict(healed)
             self.heals += 1
             self._inform(f"Island {self.options.island}: healed from a live peer (global weights, outer optimizer and"
                          " round counters).")
         return healed is not None
+
+    def _quorum(self) -> tuple[Any, int]:
+        """The leader's quorum, reconnecting while the coordinator is away: the state received from a peer if this
+        island healed (else ``None``), and the islands in the quorum."""
+        self._healed = None
+        started = time.monotonic()
+        while True:
+            try:
+                self._manager.start_quorum()
+                break
+            except Exception as err:  # noqa: BLE001 (torchft raises TimeoutError, RuntimeError, its own kinds)
+                waited = time.monotonic() - started
+                if waited >= self.options.quorum_timeout:
+                    raise self._no_quorum(waited, err) from err
+                self._inform(f"Island {self.options.island}: no quorum yet ({err}); reconnecting to the coordinator.")
+                time.sleep(min(1.0, self.options.quorum_timeout / 10))
+                self._reconnect()
+        healed, self._healed = self._healed, None
+        if healed is not None:
+            self._committed = dict(self._manager.state_dict())
+        return healed, self._manager.num_participants()
 
     def agree(self, digest: int, progress: int) -> None:
         """Raise :class:`Fork` unless every island of the quorum holds the global state ``digest``.
@@ -218,9 +227,10 @@ class Quorum:
             best = torch.tensor([-1.0 if loses else mine], dtype=torch.float64)
             self._reduce(best, "max")
             loses = loses or mine < best.item()
-        if loses and self.leader:
+        if loses:
             back = {"step": max(self._committed["step"] - 1, 0), "batches_committed": 0}
-            self._manager.load_state_dict(back)
+            if self.leader:
+                self._manager.load_state_dict(back)
             self._committed = back
         self._inform(
             f"Island {self.options.island}: the islands' global states differ (a fork: an island was alone in a quorum,"
@@ -247,9 +257,11 @@ class Quorum:
             if ok:
                 self._committed = dict(self._manager.state_dict())
                 self.islands = self._manager.num_participants()
-        flag = torch.tensor([ok, float(self.islands)], dtype=torch.float64)
-        self._broadcast(flag)
+        c = self._committed
+        flag = torch.tensor([ok, self.islands, c["step"], c["batches_committed"]], dtype=torch.float64)
+        self._broadcast(flag)  # every process of the island knows the counters (a fork's lineage, checkpoints)
         self.islands = int(flag[1])
+        self._committed = {"step": int(flag[2]), "batches_committed": int(flag[3])}
         return bool(flag[0])
 
     # -- the island's own processes ---------------------------------------------------------------------------------

@@ -138,3 +138,32 @@ def test_speed_weighted_benchmark_reads_each_outer_step_from_the_strategy(tmp_pa
             assert all(0.0 <= o["exchange_seconds"] <= o["outer_step_seconds"] <= o["round_seconds"] for o in outer)
     assert all(o["outer_step_seconds"] > 0.5 * h * sleep for o in fast["plain"]["rounds"])
     assert [o["computed"] for o in slow["plain"]["rounds"]] == [h] * rounds
+
+
+def test_islands_benchmark_fails_over_heals_and_counts_lost_work(tmp_path):
+    """benchmarks.islands --quick: an island SIGKILLed mid-round is dropped within seconds while the survivors run on
+    without a restart, the relaunched island heals bitwise equal to its peers (at every model size), and the work
+    lost is the killed island's open round against the one-world roll-back of every worker."""
+    pytest.importorskip("torchft")
+    report_file = tmp_path / "islands.json"
+    proc = run_benchmark("islands", "--quick", "--out", str(tmp_path / "jobs"), "--json", str(report_file))
+    assert proc.returncode == 0
+    summary = dict(line.split(": ", 1) for line in proc.stdout.split("\nsummary\n", 1)[1].splitlines() if ": " in line)
+    assert 0.0 < float(summary["failover_seconds"]) < 30.0
+    assert summary["survivors_restarts"] == "0"
+    assert summary["healed_bitwise_equal"] == "True"
+    report = json.loads(report_file.read_text())
+    (f,) = report["failover"]  # --quick: one kill
+    assert f["survivors_islands_after_kill"] == [2, 2]  # the survivors committed without the dead island
+    assert f["killed_restarts"] == 1 and f["heals"] >= 1 and f["final_equal"]
+    h = f["inner_steps"]
+    assert f["islands_lost"] == f["kill_step"] % h and f["survivors_lost"] == 0
+    assert f["one_world_lost"] == f["workers"] * (f["kill_step"] % f["ckpt_every"]) > f["islands_lost"]
+    for row in report["heal"]:
+        assert row["heals"] == 1 and row["bitwise_equal"]
+        assert 0.0 <= row["heal_seconds"] <= row["join_seconds"] < 30.0
+    o = report["overhead"]
+    assert o["islands"]["workers_seen"] == [2] and o["one_world"]["workers_seen"] == [2]
+    assert all(o[mode]["outer_steps"] == 2 * (o["rounds"] - 1) for mode in ("islands", "one_world"))
+    assert o["ratio"] == pytest.approx(o["islands"]["last_arriver_seconds"] / o["one_world"]["last_arriver_seconds"])
+    assert float(summary["outer_step_overhead_ratio"]) == pytest.approx(o["ratio"], abs=0.01)

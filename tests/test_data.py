@@ -435,6 +435,31 @@ def test_seq_len_and_batch_too_large(tmp_path):
         small.setup("fit")
 
 
+@pytest.mark.parametrize("sharding", ["iid", "noniid"])
+def test_islands_of_unequal_sizes_share_the_data_without_overlap(stdlib_dm, sharding):
+    """Three islands (of 1, 2 and 1 processes) take shards 0, 1, 2 of 3; each island's processes split its shard."""
+    n, sizes = len(stdlib_dm.train_dataset), [1, 2, 1]
+    parts, before = [], stdlib_dm.hparams.sharding
+    stdlib_dm.hparams.sharding = sharding
+    try:
+        for shard, world in enumerate(sizes):
+            stdlib_dm.hparams.shard, stdlib_dm.hparams.num_shards = shard, 3
+            mine = [list(stdlib_dm.train_sampler(rank, world)) for rank in range(world)]
+            assert all(len(p) == (n // 3) // world for p in mine)
+            if sharding == "noniid":  # an island's data is its own contiguous block
+                assert set().union(*map(set, mine)) <= set(range(shard * (n // 3), (shard + 1) * (n // 3)))
+            parts += mine
+        # one shard of one: exactly the sampler of a single run
+        stdlib_dm.hparams.shard, stdlib_dm.hparams.num_shards = 0, 1
+        whole = ShardSampler(stdlib_dm.train_dataset, num_replicas=2, rank=1, sharding=sharding,
+                             seed=stdlib_dm.hparams.seed)
+        assert list(stdlib_dm.train_sampler(1, 2)) == list(whole)
+    finally:
+        stdlib_dm.hparams.shard, stdlib_dm.hparams.num_shards, stdlib_dm.hparams.sharding = 0, 1, before
+    everything = [i for p in parts for i in p]
+    assert len(everything) == len(set(everything))  # no sample is in two processes' parts, in one island or across
+
+
 def test_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="val_fraction"):
         LMDataModule(val_fraction=0.0, cache_dir=str(tmp_path))
@@ -446,5 +471,9 @@ def test_argument_errors(tmp_path):
         LMDataModule(dataset="stdlib", data_files=str(tmp_path / "x.txt"), cache_dir=str(tmp_path))
     with pytest.raises(ValueError, match="iid"):
         ShardSampler(list(range(10)), sharding="clustered")
+    with pytest.raises(ValueError, match="shard=i, num_shards=n"):
+        LMDataModule(shard=2, num_shards=2, cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="part"):
+        ShardSampler(list(range(10)), num_parts=2, part=2)
     with pytest.raises(TypeError, match="ShardSampler"):
         iter(ResumableDataLoader(list(range(10)), batch_size=2))

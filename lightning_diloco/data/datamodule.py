@@ -53,6 +53,9 @@ class LMDataModule(LightningDataModule):
         cache_dir: Where tokenizers and token files are cached; ``$LIGHTNING_DILOCO_CACHE`` or
             ``~/.cache/lightning_diloco`` by default.
         num_workers: DataLoader worker processes.
+        shard: Which part of the training data this run trains on, when several independent runs train one model
+            (islands mode: island ``i`` of ``n`` takes ``shard=i, num_shards=n``); its processes split it further.
+        num_shards: Into how many parts the training data is cut for those runs (1: this run has all of it).
     """
 
     def __init__(
@@ -78,6 +81,8 @@ class LMDataModule(LightningDataModule):
         seed: int = 0,
         cache_dir: Optional[str] = None,
         num_workers: int = 0,
+        shard: int = 0,
+        num_shards: int = 1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -93,6 +98,11 @@ class LMDataModule(LightningDataModule):
             raise ValueError(f"`batch_size` must be positive, got {batch_size}.")
         if sharding not in ("iid", "noniid"):
             raise ValueError(f"`sharding` must be 'iid' or 'noniid', got {sharding!r}.")
+        if not (isinstance(num_shards, int) and num_shards >= 1 and isinstance(shard, int) and 0 <= shard < num_shards):
+            raise ValueError(
+                f"`shard` must be in [0, num_shards) and `num_shards` >= 1, got shard={shard}, num_shards={num_shards}."
+                " In islands mode give island i of n `shard=i, num_shards=n`."
+            )
         if tokenizer_path is None and vocab_size < 257:
             raise ValueError(
                 f"`vocab_size` must be at least 257 (256 byte tokens and the end-of-text token), got {vocab_size}."
@@ -226,9 +236,12 @@ class LMDataModule(LightningDataModule):
             ValueError: If a worker's shard would not fill a single batch.
         """
         dataset = self._require(self.train_dataset)
-        sampler = ShardSampler(
-            dataset, num_replicas=world_size, rank=rank, sharding=self.hparams.sharding, seed=self.hparams.seed
-        )
+        hp = self.hparams
+        if hp.num_shards == 1:
+            sampler = ShardSampler(dataset, num_replicas=world_size, rank=rank, sharding=hp.sharding, seed=hp.seed)
+        else:  # this run's shard among independent runs, split among its processes
+            sampler = ShardSampler(dataset, num_replicas=hp.num_shards, rank=hp.shard, sharding=hp.sharding,
+                                   seed=hp.seed, num_parts=world_size, part=rank)
         if len(sampler) < self.hparams.batch_size:
             raise ValueError(
                 f"Each of the {world_size} worker(s) gets {len(sampler)} training sequences of"

@@ -88,6 +88,9 @@ class ShardSampler(DistributedSampler):
             samples; only the order within the block is shuffled each epoch.
         shuffle: Shuffle (within the shard for ``noniid``). ``False`` keeps the corpus order.
         seed: Seed of the shuffles; identical on all workers.
+        num_parts: Split this worker's shard further into this many equal parts (the processes of an island, which
+            shares the data with other islands as one of ``num_replicas``); 1 by default.
+        part: The part this process takes.
     """
 
     def __init__(
@@ -98,13 +101,19 @@ class ShardSampler(DistributedSampler):
         sharding: Literal["iid", "noniid"] = "iid",
         shuffle: bool = True,
         seed: int = 0,
+        num_parts: int = 1,
+        part: int = 0,
     ) -> None:
         if sharding not in ("iid", "noniid"):
             raise ValueError(f"`sharding` must be 'iid' or 'noniid', got {sharding!r}.")
+        if not 0 <= part < num_parts:
+            raise ValueError(f"`part` must be in [0, num_parts) = [0, {num_parts}), got {part}.")
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
         self.sharding = sharding
+        self.num_parts, self.part = num_parts, part
         self.dataset_size = len(dataset)  # type: ignore[arg-type]
-        self.num_samples = self.dataset_size // num_replicas
+        self.shard_size = self.dataset_size // num_replicas
+        self.num_samples = self.shard_size // num_parts
         self.total_size = self.num_samples * num_replicas
         self._resume_epoch: Optional[int] = None
         self._resume_offset = 0
@@ -113,15 +122,17 @@ class ShardSampler(DistributedSampler):
     def shard_indices(self, epoch: Optional[int] = None) -> list[int]:
         """This worker's sample indices for an epoch (the current one by default), in iteration order."""
         epoch = self.epoch if epoch is None else epoch
+        start = self.rank * self.shard_size + self.part * self.num_samples
         if self.sharding == "iid":
             order = np.arange(self.dataset_size)
             if self.shuffle:
                 order = np.random.default_rng([self.seed, epoch]).permutation(self.dataset_size)
-            shard = order[self.rank * self.num_samples : (self.rank + 1) * self.num_samples]
+            shard = order[start : start + self.num_samples]
         else:
-            shard = np.arange(self.rank * self.num_samples, (self.rank + 1) * self.num_samples)
+            shard = np.arange(start, start + self.num_samples)
             if self.shuffle:
-                shard = shard[np.random.default_rng([self.seed, epoch, self.rank]).permutation(self.num_samples)]
+                key = self.rank * self.num_parts + self.part
+                shard = shard[np.random.default_rng([self.seed, epoch, key]).permutation(self.num_samples)]
         return shard.tolist()
 
     def resume(self, epoch: int, consumed: int) -> None:
