@@ -248,6 +248,25 @@ def test_coordinator_restart_never_splits_the_islands(tmp_path: Path):
             assert "IslandsError" in done[name][0].stdout, done[name][0].stdout[-3000:]
 
 
+def test_every_island_dead_resumes_from_the_newest_checkpoint(tmp_path: Path):
+    run = Run(tmp_path)
+    pace = ["--max-steps", "20", "--step-seconds", "0.1", "--num-islands", "2"]
+    run.start("a", 0, *pace, "--wait-for", "2", "--fault", "kill:6")
+    run.start("b", 1, *pace, "--wait-for", "2", "--fault", "kill:10")
+    first = [ps[0] for ps in run.islands.values()]
+    run.wait_for(lambda: all(p.popen.poll() is not None for p in first), 120, "both islands to die")
+    before = {n: run.records(n)[-1] for n in "ab"}
+    assert before["b"]["outer_step"] > before["a"]["outer_step"]  # b went on alone after a died
+    run.start("a", 0, *pace, "--resume")
+    run.start("b", 1, *pace, "--resume")
+    _check(run.finish(), {"a": [-signal.SIGKILL, 0], "b": [-signal.SIGKILL, 0]})
+    a, b = run.state("a"), run.state("b")
+    assert a["records"][0]["heals"] >= 1  # a resumed behind b, and took b's newer global state
+    _lockstep(run, "ab")  # from b's outer step that a missed (committed by b alone) to b's last
+    a_steps = {s["outer_step"] for s in a["states"]}
+    assert before["b"]["outer_step"] in a_steps and b["states"][-1]["outer_step"] in a_steps
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Units: arguments, the coordinator's command line, the fingerprint
 # ------------------------------------------------------------------------------------------------------------------
