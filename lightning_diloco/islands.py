@@ -128,6 +128,7 @@ class Quorum:
         self._committed = {"step": 0, "batches_committed": 0}  # torchft's counters at the last commit
         self.islands = 0  # islands in the latest committed outer step
         self.members = 0  # islands in the current quorum
+        self.most_islands = 0  # the most islands in one committed outer step so far
         self.heals = 0
         self.forks = 0
         if self.leader:
@@ -261,6 +262,7 @@ class Quorum:
         flag = torch.tensor([ok, self.islands, c["step"], c["batches_committed"]], dtype=torch.float64)
         self._broadcast(flag)  # every process of the island knows the counters (a fork's lineage, checkpoints)
         self.islands = int(flag[1])
+        self.most_islands = max(self.most_islands, self.islands)
         self._committed = {"step": int(flag[2]), "batches_committed": int(flag[3])}
         return bool(flag[0])
 

@@ -194,6 +194,9 @@ class FitSummary(Callback):
         if not diloco and not isinstance(strategy, DDPStrategy):
             return None
         workers = int(getattr(strategy, "num_workers", trainer.world_size)) if diloco else trainer.world_size
+        quorum = getattr(strategy, "quorum", None)
+        if diloco and quorum is not None:  # islands mode: the workers are the islands met at outer steps
+            workers = max(int(quorum.most_islands), 1)
         if workers <= 1:
             return "one worker: nothing sent between workers"
         ddp = steps * ring_allreduce_bytes(self._trainable, workers)
