@@ -409,3 +409,34 @@ def test_fit_help_says_how_to_see_the_strategy_options(capsys):
     by_class = _help(capsys, "fit", "--trainer.strategy.help", "lightning_diloco.DiLoCoStrategy")
     for command in commands:  # the command the help suggests prints DiLoCo's options
         assert _help(capsys, *command.split()[1:]) == by_class
+
+
+def test_two_islands_through_the_command_line(tmp_path):
+    """Islands mode from `lightning-diloco`: a coordinator and two `fit` launches of the tiny config, each on its own
+    half of the data, meet at outer steps."""
+    pytest.importorskip("torchft")
+    port = launch.free_port()
+    coordinator = launch.start([sys.executable, "-m", "lightning_diloco", "coordinator", "--port", str(port),
+                                "--grace", "3", "--heartbeat-timeout", "2"], merge=True)
+    islands = []
+    for shard, name in enumerate("ab"):
+        s = "--trainer.strategy.init_args."
+        args = [
+            sys.executable, "-m", "lightning_diloco", "fit", "--config", str(CONFIGS / "tiny.yaml"), *TINY_DATA,
+            "--trainer.devices=1", "--trainer.max_steps=8", f"{s}inner_steps=4", f"{s}sync_warmup_steps=0",
+            f"{s}coordinator=127.0.0.1:{port}", f"{s}island={name}", f"{s}island_address=127.0.0.1",
+            f"{s}sync_timeout=30", "--trainer.val_check_interval=8", "--trainer.log_every_n_steps=1",
+            f"--data.shard={shard}", "--data.num_shards=2", f"--data.cache_dir={tmp_path / 'cache'}",
+            f"--trainer.logger.init_args.name={name}",
+        ]
+        env = launch.clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(launch.free_port()))
+        islands.append(launch.start(args, env=env, cwd=tmp_path, merge=True))
+    done = launch.finish(islands, 300)
+    launch.finish([coordinator], 1)
+    for name, proc in zip("ab", done):
+        assert proc.returncode == 0, launch.failure_summary(proc.stdout)
+        assert "among 2 workers" in _closing_line(proc.stdout)  # the islands it met, not its own one process
+        rows = _rows(tmp_path / "runs" / name / "version_0" / "metrics.csv")
+        assert max(_values(rows, "diloco/islands")) == 2
+        saved = yaml.safe_load((tmp_path / "runs" / name / "version_0" / "config.yaml").read_text())
+        assert (saved["data"]["shard"], saved["data"]["num_shards"]) == ("ab".index(name), 2)
