@@ -248,7 +248,7 @@ def test_coordinator_restart_never_splits_the_islands(tmp_path: Path):
             assert "IslandsError" in done[name][0].stdout, done[name][0].stdout[-3000:]
 
 
-def test_every_island_dead_resumes_from_the_newest_checkpoint(tmp_path: Path):
+def test_every_island_dead_resumes_from_their_checkpoints_in_lockstep(tmp_path: Path):
     run = Run(tmp_path)
     pace = ["--max-steps", "20", "--step-seconds", "0.1", "--num-islands", "2"]
     run.start("a", 0, *pace, "--wait-for", "2", "--fault", "kill:6")
@@ -261,10 +261,11 @@ def test_every_island_dead_resumes_from_the_newest_checkpoint(tmp_path: Path):
     run.start("b", 1, *pace, "--resume")
     _check(run.finish(), {"a": [-signal.SIGKILL, 0], "b": [-signal.SIGKILL, 0]})
     a, b = run.state("a"), run.state("b")
-    assert a["records"][0]["heals"] >= 1  # a resumed behind b, and took b's newer global state
-    _lockstep(run, "ab")  # from b's outer step that a missed (committed by b alone) to b's last
-    a_steps = {s["outer_step"] for s in a["states"]}
-    assert before["b"]["outer_step"] in a_steps and b["states"][-1]["outer_step"] in a_steps
+    # the two checkpoints hold different global states; once both islands are back, one takes the other's (at a
+    # join if it is behind, or through a fork if it committed a step alone first), and they train on together
+    assert a["states"][-1]["heals"] + b["states"][-1]["heals"] >= 1
+    _lockstep(run, "ab")
+    assert any(r["islands"] == 2 for r in a["records"])  # after the restart, the two met at outer steps
 
 
 # ------------------------------------------------------------------------------------------------------------------
