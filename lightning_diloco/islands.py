@@ -335,7 +335,7 @@ class IslandWorkers(Workers):
 
     def __init__(self, local: ProcessGroupWorkers, quorum: Quorum) -> None:
         self.local, self.quorum = local, quorum
-        self.healthy = 0  # workers (islands) whose pseudo-gradients made the latest mean
+        self.healthy: Optional[int] = 0
 
     @property
     def index(self) -> int:

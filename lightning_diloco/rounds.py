@@ -127,7 +127,7 @@ class Rounds:
         self.step = 0  # inner steps taken under DiLoCo
         self.pending: deque[Sync] = deque()
         self.warned_short_overlap = False
-        self.quorum: Optional[Quorum] = getattr(workers, "quorum", None)  # islands mode
+        self.quorum: Optional[Quorum] = workers.quorum  # islands mode
 
     def _make_fragments(self, last_sync: Optional[Sequence[int]] = None) -> list[Fragment]:
         numels = [p.numel() for p in self.outer.locals]
@@ -255,7 +255,7 @@ class Rounds:
                 failed = err
             if quorum.commit(failed):
                 if sync is not None:
-                    sync.healthy = getattr(self.workers, "healthy", None)
+                    sync.healthy = self.workers.healthy
                 return sync
             if time.monotonic() - started > quorum.options.quorum_timeout:
                 raise IslandsError(

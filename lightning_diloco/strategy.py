@@ -275,7 +275,7 @@ class DiLoCoStrategy(DDPStrategy):
     @property
     def quorum(self) -> Optional[Quorum]:
         """The link to the other islands (islands mode only)."""
-        return self.workers.quorum if isinstance(self.workers, IslandWorkers) else None
+        return self.workers.quorum if self.workers is not None else None
 
     # ------------------------------------------------------------------------------------------------------------
     # Set-up: process groups, no DistributedDataParallel across workers, identical start, one optimizer

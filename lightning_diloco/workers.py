@@ -28,6 +28,12 @@ from lightning_diloco.topology import Topology
 class Workers(ABC):
     """The workers of one outer step, as this process sees them."""
 
+    #: islands mode: the link to the other islands (:class:`lightning_diloco.islands.Quorum`); ``None`` otherwise
+    quorum: Optional[Any] = None
+    #: the workers whose pseudo-gradients made the latest mean, where this process's census table does not show them
+    #: (islands); ``None``: count the positive shares
+    healthy: Optional[int] = None
+
     @property
     @abstractmethod
     def index(self) -> int:

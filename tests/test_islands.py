@@ -9,6 +9,7 @@ weights equal the one-process simulation of the workers that took part (``tests/
 
 import json
 import os
+import pickle
 import signal
 import sys
 import time
@@ -268,6 +269,28 @@ def test_every_island_dead_resumes_from_their_checkpoints_in_lockstep(tmp_path: 
     assert any(r["islands"] == 2 for r in a["records"])  # after the restart, the two met at outer steps
 
 
+def test_a_fork_is_detected_and_the_islands_meet_on_one_state(tmp_path: Path):
+    """Both islands die; a resumes first, alone, and commits its join on its own older state: a fork at the same
+    committed step as b's checkpoint. When b comes back inside a's round, the fingerprints differ, nothing is
+    committed, a (the shorter round) steps back and heals from b, and they go on in lockstep."""
+    run = Run(tmp_path)
+    pace = ["--num-islands", "2", "--step-seconds", "0.1"]
+    run.start("a", 0, *pace, "--max-steps", "20", "--wait-for", "2", "--fault", "kill:6")
+    run.start("b", 1, *pace, "--max-steps", "20", "--wait-for", "2", "--fault", "kill:10")
+    first = [ps[0] for ps in run.islands.values()]
+    run.wait_for(lambda: all(p.popen.poll() is not None for p in first), 120, "both islands to die")
+    second_a = run.start("a", 0, "--num-islands", "2", "--step-seconds", "3", "--max-steps", "12", "--resume")
+    run.wait_for(lambda: len({r["pid"] for r in run.records("a")}) == 2 or second_a.popen.poll() is not None, 120,
+                 "a's second life to commit its join alone")
+    run.start("b", 1, *pace, "--max-steps", "12", "--resume")
+    _check(run.finish(), {"a": [-signal.SIGKILL, 0], "b": [-signal.SIGKILL, 0]})
+    a, b = run.state("a"), run.state("b")
+    assert a["records"][0]["islands"] == 1  # a's join, alone
+    assert a["records"][-1]["forks"] >= 1 and b["records"][-1]["forks"] >= 1
+    assert a["states"][-1]["heals"] >= 1 and b["states"][-1]["heals"] == 0
+    _lockstep(run, "ab")
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Units: arguments, the coordinator's command line, the fingerprint
 # ------------------------------------------------------------------------------------------------------------------
@@ -284,6 +307,14 @@ def test_every_island_dead_resumes_from_their_checkpoints_in_lockstep(tmp_path: 
 def test_bad_islands_arguments_say_what_to_do(kwargs: dict[str, Any], match: str):
     with pytest.raises(ValueError, match=match):
         DiLoCoStrategy(**kwargs)
+
+
+def test_islands_strategy_pickles_for_spawn():
+    """`diloco_spawn` pickles the strategy into every process; the link to the coordinator is made there."""
+    strategy = DiLoCoStrategy(coordinator="host:29510", island="a", quorum_timeout=30, find_unused_parameters=True)
+    copy = pickle.loads(pickle.dumps(strategy))
+    assert copy.config == strategy.config and copy.quorum is None
+    assert copy._ddp_kwargs == {"find_unused_parameters": True}
 
 
 def test_coordinator_address_without_scheme_gets_http():
