@@ -1,29 +1,50 @@
-"""The ``"diloco"`` entry of a checkpoint: what it holds, how it is checked, and how a run resumes from it.
+"""The ``"diloco"`` entry of a checkpoint: what it holds, where each part lies, and how a run resumes from it.
 
-A checkpoint's ``state_dict`` is the global model (so ``load_from_checkpoint`` gives it); the ``"diloco"`` entry adds
-the outer optimizer, the round counters, the syncs in flight (their means already in) and every worker's local state:
-its weights and buffers, its inner optimizer state (worker 0's is Lightning's own ``optimizer_states``, written once),
-its error-feedback residuals and its census. A checkpoint of the synchronous warm-up holds only the warm-up's
-progress: every worker's state then is Lightning's.
+A checkpoint of the DiLoCo phase is a directory (:mod:`lightning_diloco.checkpoint_dir`). Rank 0 writes the small
+part, ``meta.pt``: Lightning's own entries (loops, callbacks, hyperparameters, schedulers) and the ``"diloco"`` entry's
+counters, the syncs in flight and the layout of the rest. Every rank writes the tensors it holds, under these keys:
 
-Resuming on the number of workers that wrote it restores each worker exactly. Resuming on another number closes the
-open round with the mean pseudo-gradient of all saved workers (through :meth:`~lightning_diloco.rounds.Rounds.close_round`,
-the same path every outer step lands by), then every worker starts from the new global weights and worker ``w`` takes
-saved worker ``w mod k``'s inner optimizer state.
+- ``outer/params/<i>``, ``outer/buffers/<name>``, ``outer/optimizer/<i>/<key>``: the global weights (in their
+  master dtype), the global buffers and the outer optimizer state, one copy for all workers;
+- ``pending/<n>/deltas/<i>``, ``pending/<n>/buffers/<name>``: the means of the syncs in flight;
+- ``state_dict/<key>``: entries of the model's ``state_dict`` that have no global value (integer buffers);
+- ``workers/<w>/module/<key>``, ``workers/<w>/optimizer/<o>/<i>/<key>``, ``workers/<w>/extra``: worker ``w``'s local
+  weights and buffers, inner optimizer state and census, written by its own processes;
+- ``workers/<w>/feedback/<j>/<f>/<key>``: the error-feedback residuals of process ``j`` of worker ``w``.
+
+A sharded worker's tensors are ``DTensor`` chunks; no rank ever holds another worker's state, and the global state is
+read and written in the chunks each process holds. A checkpoint of the synchronous warm-up (every worker holds the same
+state: Lightning's) and a checkpoint of weights only are single files, as Lightning writes them.
+
+Resuming on the number of workers that wrote it restores each worker exactly, on any number of processes per worker.
+Resuming on another number closes the open round with the mean pseudo-gradient of all saved workers (read one worker
+at a time, through :meth:`~lightning_diloco.rounds.Rounds.close_round`, the path every outer step lands by); every
+worker then starts from the new global weights and worker ``w`` takes saved worker ``w mod k``'s inner optimizer
+state. Error-feedback residuals are restored when the layout (workers, processes per worker, sharding) is the same.
+
+:func:`consolidate` turns a directory into one Lightning checkpoint file of the global model.
 """
 
+import io
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Callable, Optional
 
+import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
+from torch.nn import Module
 from torch.optim import Optimizer
 
+from lightning_diloco import checkpoint_dir
 from lightning_diloco.census import Census
 from lightning_diloco.config import DiLoCoConfig
-from lightning_diloco.outer import OuterState
+from lightning_diloco.outer import OuterState, master_dtype
 from lightning_diloco.rounds import Rounds
+from lightning_diloco.sharding import local, to_global
 
 CHECKPOINT_KEY = "diloco"
-VERSION = 1
+VERSION = 2
 
 
 def warmup_entry(warmup_taken: int, bytes_sent: dict[str, float]) -> dict[str, Any]:
@@ -31,47 +52,97 @@ def warmup_entry(warmup_taken: int, bytes_sent: dict[str, float]) -> dict[str, A
     return {"version": VERSION, "warmup_taken": warmup_taken, "bytes_sent": dict(bytes_sent)}
 
 
-def worker_state(
-    module_state: dict[str, Tensor], optimizer_states: list[dict[str, Any]], rounds: Rounds, census: Census
-) -> dict[str, Any]:
-    """One worker's own state, on the CPU: local weights and buffers, inner optimizer, residuals, census."""
-    return {
-        "module": {name: t.detach().cpu().clone() for name, t in module_state.items()},
-        "optimizer_states": [_to_cpu(state) for state in optimizer_states],
-        "error_feedback": [_to_cpu(f.feedback.state_dict()) if f.feedback else None for f in rounds.fragments],
-        "speed": census.state_dict(),
-    }
+def layout(num_workers: int, processes_per_worker: int, sharded: bool) -> dict[str, Any]:
+    """How a run's workers are laid out (what error-feedback residuals depend on)."""
+    return {"num_workers": num_workers, "processes_per_worker": processes_per_worker, "sharded": sharded}
+
+
+# -- saving ------------------------------------------------------------------------------------------------------------
 
 
 def diloco_entry(
-    config: DiLoCoConfig, rounds: dict[str, Any], outer: OuterState, workers: list[dict[str, Any]],
+    config: DiLoCoConfig, rounds: dict[str, Any], outer: OuterState, module: Module, workers_layout: dict[str, Any],
     warmup_taken: int, bytes_sent: dict[str, float],
 ) -> dict[str, Any]:
-    """The entry of a checkpoint of the DiLoCo phase.
+    """The ``"diloco"`` entry of ``meta.pt`` (counters and layout; no tensor).
 
     Args:
         config: DiLoCo's options.
         rounds: :meth:`Rounds.state_dict` (the counters and the syncs in flight).
         outer: the global weights and the outer optimizer.
-        workers: one :func:`worker_state` per worker.
+        module: the worker's replica (for the layout of the model's ``state_dict``).
+        workers_layout: this run's :func:`layout`.
         warmup_taken: the synchronous warm-up steps taken.
         bytes_sent: the bytes sent so far.
 
     """
-    workers = list(workers)
-    workers[0] = {**workers[0], "optimizer_states": None}  # worker 0's is Lightning's own `optimizer_states`
+    optimizer = outer.optimizer.state_dict()
+    pending = [{k: v for k, v in p.items() if k not in ("deltas", "buffers")} | {"buffers": list(p["buffers"])}
+               for p in rounds["pending"]]
     return {
         "version": VERSION,
         "warmup_taken": warmup_taken,
         "bytes_sent": dict(bytes_sent),
         "inner_steps": config.inner_steps,
         "num_fragments": config.num_fragments,
-        "num_workers": len(workers),
-        "processes_per_worker": config.processes_per_worker,
-        **rounds,
-        "outer": outer.state_dict(),
-        "workers": workers,
+        **workers_layout,
+        "step": rounds["step"],
+        "last_sync": rounds["last_sync"],
+        "pending": pending,
+        "outer": {
+            "names": list(outer.names), "buffers": list(outer.buffers), "outer_step": outer.outer_step,
+            "param_groups": optimizer["param_groups"], "state": _objects(optimizer["state"]),
+        },
+        "state_dict": _state_dict_layout(outer, module),
     }
+
+
+def rank_tensors(
+    outer: OuterState, rounds: dict[str, Any], module_state: dict[str, Any], optimizers: list[Optimizer],
+    fragments: list[list[int]], fragments_feedback: list[Optional[dict[str, Any]]], census: Census, worker: int,
+    index_in_worker: int, own_entries: dict[str, Tensor],
+) -> dict[str, Any]:
+    """What this rank writes: the global state it holds and its worker's local state (see the module's list)."""
+    out: dict[str, Any] = {}
+    for i, (g, p) in enumerate(zip(outer.params, outer.locals)):
+        out[f"outer/params/{i}"] = to_global(g.detach(), p)
+    for name, b in outer.buffers.items():
+        out[f"outer/buffers/{name}"] = b
+    for i, values in outer.optimizer.state_dict()["state"].items():
+        for key, value in _tensors(values).items():
+            out[f"outer/optimizer/{i}/{key}"] = _global_like(value, outer.params[i].shape, outer.locals[i])
+    for n, p in enumerate(rounds["pending"]):
+        for j, d in zip(fragments[p["fragment"]], p["deltas"]):
+            out[f"pending/{n}/deltas/{j}"] = to_global(d, outer.locals[j])
+        for name, b in p["buffers"].items():
+            out[f"pending/{n}/buffers/{name}"] = b
+    for key, value in own_entries.items():
+        out[f"state_dict/{key}"] = value
+    prefix = f"workers/{worker}"
+    for key, value in module_state.items():
+        if isinstance(value, Tensor):
+            out[f"{prefix}/module/{key}"] = value
+    extra: dict[str, Any] = {"optimizers": [], "census": census.state_dict()}
+    for o, optimizer in enumerate(optimizers):
+        state = optimizer.state_dict()
+        params = _flat_params(optimizer)
+        for i, values in state["state"].items():
+            for key, value in _tensors(values).items():
+                out[f"{prefix}/optimizer/{o}/{i}/{key}"] = _global_like(value, local(params[i]).shape, params[i])
+        extra["optimizers"].append({"param_groups": state["param_groups"], "state": _objects(state["state"])})
+    out[f"{prefix}/extra"] = _pack(extra)
+    for f, feedback in enumerate(fragments_feedback):
+        for key, value in (feedback or {}).get("residuals", {}).items():
+            out[f"{prefix}/feedback/{index_in_worker}/{f}/{key}"] = value
+    return out
+
+
+def own_entries(module_state: dict[str, Any], entry: dict[str, Any]) -> dict[str, Tensor]:
+    """The model's ``state_dict`` entries that have no global value (written under ``state_dict/``)."""
+    return {key: module_state[key] for key, (kind, _, _) in entry["state_dict"].items() if kind == "own"}
+
+
+# -- checks ------------------------------------------------------------------------------------------------------------
 
 
 def check_resumable(state: dict[str, Any], config: DiLoCoConfig) -> None:
@@ -88,53 +159,331 @@ def check_resumable(state: dict[str, Any], config: DiLoCoConfig) -> None:
         )
 
 
+def check_model(state: dict[str, Any], outer_names: list[str], buffers: list[str]) -> None:
+    if state["outer"]["names"] != outer_names or set(state["outer"]["buffers"]) != set(buffers):
+        raise ValueError(
+            "The checkpoint's DiLoCo state was written for a different model (parameter names or shapes differ)."
+            " Resume with the model that wrote it, or start from its weights alone by loading the `state_dict`"
+            " into your model and calling `trainer.fit` without `ckpt_path`."
+        )
+
+
+# -- resuming ----------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def load_global_model(directory: str, state: dict[str, Any], module: Module) -> None:
+    """Load the checkpoint's global model into ``module`` (whose parameters may be ``DTensor`` chunks); every rank
+    calls this at the same point."""
+    params = list(module.parameters())
+    current = module.state_dict()
+    targets: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for key, (kind, ref, _) in state["state_dict"].items():
+        if key not in current:
+            continue
+        if kind == "param":
+            source = f"outer/params/{ref}"
+            like = params[ref]
+            dtype = master_dtype(like.dtype)
+        elif kind == "buffer":
+            source, like, dtype = f"outer/buffers/{ref}", current[key], master_dtype(current[key].dtype)
+        else:
+            source, like, dtype = f"state_dict/{key}", current[key], current[key].dtype
+        if source not in targets:
+            targets[source] = torch.empty_like(like, dtype=dtype)
+        sources[key] = source
+    saved = checkpoint_dir.keys(directory)
+    missing = [key for key in current if key not in sources]
+    differ = [key for key, source in sources.items()
+              if source not in saved or saved[source] is None or saved[source][0] != targets[source].shape]
+    if missing or differ:
+        raise RuntimeError(
+            f"the checkpoint's global model holds other shapes (or nothing) for {differ}" if differ else
+            f"the checkpoint's global model holds nothing for {missing}"
+        )
+    checkpoint_dir.load(directory, targets)
+    module.load_state_dict({key: targets[source].to(current[key].dtype) for key, source in sources.items()},
+                           strict=False)
+
+
 def restore(
-    state: dict[str, Any], rounds: Rounds, census: Census, optimizers: list[Optimizer],
-    lightning_optimizer_states: list[dict[str, Any]], load_module: Callable[[dict[str, Tensor]], None],
+    directory: str, state: dict[str, Any], rounds: Rounds, census: Census,
+    optimizers: list[Optimizer], module: Module, stored_layout: dict[str, Any], index_in_worker: int,
     to_device: Callable[[Optimizer], None], warn: Callable[[str], None],
 ) -> None:
-    """Resume this worker from an entry of the DiLoCo phase (see the module's documentation).
+    """Resume this worker from a checkpoint directory of the DiLoCo phase (see the module's documentation); every rank
+    calls this at the same point.
 
     Args:
-        state: the entry.
+        directory: the checkpoint directory.
+        state: its ``"diloco"`` entry (from ``meta.pt``).
         rounds: this worker's round loop, with its outer state.
         census: this worker's census.
         optimizers: the inner optimizers.
-        lightning_optimizer_states: the checkpoint's ``optimizer_states`` (worker 0's).
-        load_module: loads a worker's local ``state_dict`` into the module.
+        module: the worker's replica.
+        stored_layout: this run's :func:`layout`.
+        index_in_worker: this process's index in its worker.
         to_device: moves an optimizer's state to the training device.
         warn: rank zero's warning.
 
     """
-    rounds.outer.load_state_dict(state["outer"])
-    rounds.load_state_dict(state)
-    saved = state["workers"]
-    me, count = rounds.workers.index, rounds.workers.count
-    worker = saved[me % len(saved)]
-    optimizer_states: Optional[list[dict[str, Any]]] = worker["optimizer_states"]
-    for optimizer, opt_state in zip(optimizers, optimizer_states or lightning_optimizer_states):
-        optimizer.load_state_dict(opt_state)
+    outer = rounds.outer
+    check_model(state, outer.names, list(outer.buffers))
+    saved_keys = checkpoint_dir.keys(directory)
+    me, count, saved = rounds.workers.index, rounds.workers.count, int(state["num_workers"])
+    source = me % saved
+    targets: dict[str, Any] = {}
+    for i, (g, p) in enumerate(zip(outer.params, outer.locals)):
+        targets[f"outer/params/{i}"] = to_global(torch.empty_like(g), p)
+    for name, b in outer.buffers.items():
+        targets[f"outer/buffers/{name}"] = torch.empty_like(b)
+    _add_targets(targets, saved_keys, "outer/optimizer/", lambda i: (outer.params[i], outer.locals[i]))
+    for n, p in enumerate(state["pending"]):
+        for j in rounds.fragments[p["fragment"]].params:
+            targets[f"pending/{n}/deltas/{j}"] = to_global(torch.empty_like(outer.params[j]), outer.locals[j])
+        for name in p["buffers"]:
+            targets[f"pending/{n}/buffers/{name}"] = torch.empty_like(outer.buffers[name])
+    for o, optimizer in enumerate(optimizers):
+        params = _flat_params(optimizer)
+        _add_targets(targets, saved_keys, f"workers/{source}/optimizer/{o}/", lambda i: (local(params[i]), params[i]))
+    targets[f"workers/{source}/extra"] = b""
+    exact = saved == count
+    module_targets = _module_targets(module, source) if exact else {}
+    same_layout = exact and {k: state.get(k) for k in stored_layout} == stored_layout
+    feedback_prefix = f"workers/{me}/feedback/{index_in_worker}/"
+    if same_layout:
+        for key, layout_ in saved_keys.items():
+            if key.startswith(feedback_prefix) and layout_ is not None:
+                targets[key] = torch.empty(layout_[0], dtype=layout_[1])
+    loaded = checkpoint_dir.load(directory, {**targets, **module_targets})
+
+    outer.load_state_dict({
+        "names": state["outer"]["names"],
+        "params": [local(loaded[f"outer/params/{i}"]) for i in range(len(outer.params))],
+        "buffers": {name: loaded[f"outer/buffers/{name}"] for name in outer.buffers},
+        "optimizer": {"state": _merge(state["outer"]["state"], loaded, "outer/optimizer/", local_values=True),
+                      "param_groups": state["outer"]["param_groups"]},
+        "outer_step": state["outer"]["outer_step"],
+    })
+    rounds.load_state_dict({
+        "step": state["step"], "last_sync": state["last_sync"],
+        "pending": [{**p,
+                     "deltas": [local(loaded[f"pending/{n}/deltas/{j}"]) for j in rounds.fragments[p["fragment"]].params],
+                     "buffers": {name: loaded[f"pending/{n}/buffers/{name}"] for name in p["buffers"]}}
+                    for n, p in enumerate(state["pending"])],
+    })
+    extra = _unpack(loaded[f"workers/{source}/extra"])
+    for o, optimizer in enumerate(optimizers):
+        saved_optimizer = extra["optimizers"][o]
+        optimizer.load_state_dict({
+            "state": _merge(saved_optimizer["state"], loaded, f"workers/{source}/optimizer/{o}/"),
+            "param_groups": saved_optimizer["param_groups"],
+        })
         to_device(optimizer)
-    if len(saved) == count:
-        load_module(worker["module"])
-        for fragment, residuals in zip(rounds.fragments, worker.get("error_feedback", [])):
-            if fragment.feedback is not None and residuals is not None:
-                fragment.feedback.load_state_dict(residuals)
-        census.load_state_dict(worker.get("speed", {}))
+    if exact:
+        prefix = f"workers/{me}/module/"
+        module.load_state_dict({k[len(prefix):]: v for k, v in module_targets.items()}, strict=False)
+        for f, fragment in enumerate(rounds.fragments):
+            if fragment.feedback is None or not same_layout:
+                continue
+            prefix = f"{feedback_prefix}{f}/"
+            residuals = {int(k[len(prefix):]): v for k, v in loaded.items() if k.startswith(prefix)}
+            fragment.feedback.load_state_dict({"residuals": residuals})
+        census.load_state_dict(extra.get("census", {}))
+        if not same_layout and any(f.feedback is not None for f in rounds.fragments):
+            warn("The checkpoint was written with another number of processes per worker or another sharding: the"
+                 " error-feedback residuals start afresh (they are bounded by one round trip's compression error).")
         return
-    rounds.close_round([w["module"] for w in saved])
+    rounds.close_round(_saved_workers(directory, module, saved, outer.names, list(outer.buffers)))
     warn(
-        f"Resuming {len(saved)} DiLoCo workers' checkpoint on {count} workers: their open round was closed with an"
+        f"Resuming {saved} DiLoCo workers' checkpoint on {count} workers: their open round was closed with an"
         " outer step over all saved workers, every worker starts from the new global weights, and worker w takes"
-        f" saved worker (w mod {len(saved)})'s inner optimizer state."
+        f" saved worker (w mod {saved})'s inner optimizer state."
     )
 
 
-def _to_cpu(obj: Any) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
+def _module_targets(module: Module, worker: int) -> dict[str, Tensor]:
+    return {f"workers/{worker}/module/{key}": torch.empty_like(value)
+            for key, value in module.state_dict().items() if isinstance(value, Tensor)}
+
+
+def _saved_workers(
+    directory: str, module: Module, saved: int, names: list[str], buffers: list[str]
+) -> Iterator[dict[str, Tensor]]:
+    """Every saved worker's local parameters and floating-point buffers (this process's chunks), one at a time."""
+    for w in range(saved):
+        targets = _module_targets(module, w)
+        checkpoint_dir.load(directory, targets)
+        prefix = f"workers/{w}/module/"
+        values = {k[len(prefix):]: local(v) for k, v in targets.items()}
+        yield {name: values[name] for name in (*names, *buffers)}
+
+
+# -- one file ----------------------------------------------------------------------------------------------------------
+
+
+def read(path: Any) -> dict[str, Any]:
+    """A checkpoint directory as one dictionary, in this process: Lightning's entries, ``state_dict`` (the global
+    model), ``optimizer_states`` (worker 0's), and ``"diloco"`` with every worker's whole local state under
+    ``"workers"`` (``module``, ``optimizer_states``, ``error_feedback`` by process, ``speed``), the outer state under
+    ``"outer"`` and the syncs in flight with their means. For inspection and tools; training never reads it whole."""
+    meta = torch.load(Path(checkpoint_dir.local_directory(path)) / checkpoint_dir.META, map_location="cpu",
+                      weights_only=False)
+    values = checkpoint_dir.read(path)
+    state = dict(meta[CHECKPOINT_KEY])
+    outer = state["outer"]
+    optimizer_state = _merge(outer["state"], values, "outer/optimizer/")
+    state["outer"] = {
+        "names": outer["names"], "params": [values[f"outer/params/{i}"] for i in range(len(outer["names"]))],
+        "buffers": {n: values[f"outer/buffers/{n}"] for n in outer["buffers"]},
+        "optimizer": {"state": optimizer_state, "param_groups": outer["param_groups"]},
+        "outer_step": outer["outer_step"],
+    }
+    state["pending"] = [
+        {**p, "deltas": [v for k, v in _sorted_items(values, f"pending/{n}/deltas/")],
+         "buffers": {name: values[f"pending/{n}/buffers/{name}"] for name in p["buffers"]}}
+        for n, p in enumerate(state["pending"])
+    ]
+    workers = []
+    for w in range(int(state["num_workers"])):
+        prefix = f"workers/{w}"
+        extra = _unpack(values[f"{prefix}/extra"])
+        module = {k[len(prefix) + 8:]: v for k, v in values.items() if k.startswith(f"{prefix}/module/")}
+        optimizers = [{"state": _merge(o["state"], values, f"{prefix}/optimizer/{i}/"), "param_groups": o["param_groups"]}
+                      for i, o in enumerate(extra["optimizers"])]
+        feedback: dict[int, dict[int, dict[str, Any]]] = {}
+        for key, value in values.items():
+            if key.startswith(f"{prefix}/feedback/"):
+                j, f, r = key[len(prefix) + 10:].split("/")
+                feedback.setdefault(int(j), {}).setdefault(int(f), {"residuals": {}})["residuals"][int(r)] = value
+        workers.append({"module": module, "optimizer_states": optimizers, "speed": extra["census"],
+                        "error_feedback": feedback})
+    state["workers"] = workers
+    global_model = global_state_dict(state, values)
+    return {**{k: v for k, v in meta.items() if k != CHECKPOINT_KEY}, "state_dict": global_model,
+            "optimizer_states": workers[0]["optimizer_states"], CHECKPOINT_KEY: state}
+
+
+def global_state_dict(state: dict[str, Any], values: dict[str, Any]) -> dict[str, Tensor]:
+    """The global model's ``state_dict`` (whole tensors, in the model's dtypes) from an entry and its tensors."""
+    out = {}
+    for key, (kind, ref, dtype) in state["state_dict"].items():
+        source = {"param": f"outer/params/{ref}", "buffer": f"outer/buffers/{ref}"}.get(kind, f"state_dict/{key}")
+        out[key] = values[source].to(getattr(torch, dtype))
+    return out
+
+
+def consolidate(path: Any, out: Any) -> None:
+    """Write the checkpoint directory ``path`` as one Lightning checkpoint file ``out``: the global model as
+    ``state_dict`` (for ``Model.load_from_checkpoint``), worker 0's inner optimizer state, and Lightning's entries;
+    without DiLoCo's state, so that any strategy can start from it."""
+    from lightning_diloco.io import atomic_write
+
+    if not checkpoint_dir.is_checkpoint_dir(path):
+        raise ValueError(
+            f"{path} is not a DiLoCo checkpoint directory (a directory with a `meta.pt`). Pass the directory that"
+            " `ModelCheckpoint` wrote during DiLoCo; a single-file checkpoint loads with `Model.load_from_checkpoint`"
+            " as it is."
+        )
+    meta = torch.load(Path(checkpoint_dir.local_directory(path)) / checkpoint_dir.META, map_location="cpu",
+                      weights_only=False)
+    state = meta[CHECKPOINT_KEY]
+    extra_key = "workers/0/"
+    values = checkpoint_dir.read(path, ("outer/params/", "outer/buffers/", "state_dict/", extra_key + "optimizer/",
+                                        extra_key + "extra"))
+    extra = _unpack(values[extra_key + "extra"])
+    optimizers = [{"state": _merge(o["state"], values, f"{extra_key}optimizer/{i}/"), "param_groups": o["param_groups"]}
+                  for i, o in enumerate(extra["optimizers"])]
+    checkpoint = {**{k: v for k, v in meta.items() if k != CHECKPOINT_KEY},
+                  "state_dict": global_state_dict(state, values), "optimizer_states": optimizers}
+    with atomic_write(Path(out)) as file:
+        torch.save(checkpoint, file)
+
+
+# -- helpers -----------------------------------------------------------------------------------------------------------
+
+
+def _pack(obj: Any) -> bytes:
+    """A small object as one opaque value (``torch.distributed.checkpoint`` would flatten a dictionary into keys)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _unpack(data: bytes) -> Any:
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+def _state_dict_layout(outer: OuterState, module: Module) -> dict[str, tuple[str, Any, str]]:
+    """Where every entry of the global model's ``state_dict`` comes from (``("param", i)``, ``("buffer", name)`` or
+    ``("own", None)``), with its dtype. Tied parameters appear under each of their names."""
+    index = {id(p): i for i, p in enumerate(outer.locals)}
+    named = {name: index[id(p)] for name, p in module.named_parameters(remove_duplicate=False) if id(p) in index}
+    out: dict[str, tuple[str, Any, str]] = {}
+    for key, value in module.state_dict().items():
+        if not isinstance(value, Tensor):
+            continue
+        dtype = str(value.dtype).removeprefix("torch.")
+        if key in named:
+            out[key] = ("param", named[key], dtype)
+        elif key in outer.buffers:
+            out[key] = ("buffer", key, dtype)
+        else:
+            out[key] = ("own", None, dtype)
+    return out
+
+
+def _tensors(values: dict[str, Any]) -> dict[str, Tensor]:
+    return {k: v for k, v in values.items() if isinstance(v, Tensor)}
+
+
+def _objects(state: dict[Any, dict[str, Any]]) -> dict[Any, dict[str, Any]]:
+    """An optimizer's per-parameter state without its tensors (which travel as tensors), with the names of those."""
+    return {i: {"tensors": sorted(_tensors(v)), **{k: x for k, x in v.items() if not isinstance(x, Tensor)}}
+            for i, v in state.items()}
+
+
+def _merge(objects: dict[Any, dict[str, Any]], loaded: dict[str, Any], prefix: str,
+           local_values: bool = False) -> dict[Any, dict[str, Any]]:
+    """An optimizer's per-parameter state again, from :func:`_objects` and the loaded tensors."""
+    out = {}
+    for i, values in objects.items():
+        entry = {k: v for k, v in values.items() if k != "tensors"}
+        for key in values["tensors"]:
+            value = loaded[f"{prefix}{i}/{key}"]
+            entry[key] = local(value) if local_values else value
+        out[i] = entry
+    return out
+
+
+def _global_like(value: Tensor, chunk_shape: torch.Size, param: Tensor) -> Tensor:
+    """An optimizer state tensor of a parameter's chunk shape laid out like the parameter (a ``DTensor`` where the
+    parameter is one); a ``DTensor`` already, a step count or any other tensor as it is."""
+    if isinstance(value, DTensor) or value.dim() == 0 or value.shape != chunk_shape:
+        return value
+    return to_global(value, param)
+
+
+def _add_targets(targets: dict[str, Any], saved_keys: dict[str, Any], prefix: str,
+                 param_of: Callable[[int], tuple[Tensor, Tensor]]) -> None:
+    """Targets for an optimizer's saved state tensors under ``prefix``: chunks laid out like their parameter where
+    the saved tensor has the parameter's whole shape, else whole tensors."""
+    for key, layout_ in saved_keys.items():
+        if not key.startswith(prefix) or layout_ is None:
+            continue
+        i = int(key[len(prefix):].split("/")[0])
+        chunk, param = param_of(i)
+        size, dtype = layout_
+        if size == param.shape and len(size) > 0:
+            targets[key] = to_global(torch.empty_like(local(chunk), dtype=dtype), param)
+        else:
+            targets[key] = torch.empty(size, dtype=dtype)
+
+
+def _flat_params(optimizer: Optimizer) -> list[Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _sorted_items(values: dict[str, Any], prefix: str) -> list[tuple[int, Any]]:
+    return sorted((int(k[len(prefix):]), v) for k, v in values.items() if k.startswith(prefix))

@@ -202,7 +202,7 @@ def checkpoint_run_folder(ckpt_path: Any) -> Optional[Path]:
     if not isinstance(ckpt_path, (str, os.PathLike)) or "://" in str(ckpt_path):
         return None
     path = Path(ckpt_path)
-    if not path.is_file() or path.parent.name != "checkpoints":
+    if not path.exists() or path.parent.name != "checkpoints":  # a file, or a DiLoCo checkpoint directory
         return None
     run = path.parent.parent
     if not any((run / name).is_file() for name in ("metrics.csv", "hparams.yaml", "config.yaml")):
@@ -319,4 +319,25 @@ def main(args: Optional[list[str]] = None) -> None:
 
         coordinator(given[1:])
         return
+    if given[:1] == ["consolidate"]:  # a checkpoint directory as one file: no Lightning run either
+        consolidate_main(given[1:])
+        return
     build_cli(args)
+
+
+def consolidate_main(args: list[str]) -> None:
+    """``lightning-diloco consolidate CHECKPOINT OUT``: a checkpoint directory as one Lightning checkpoint file."""
+    import argparse
+
+    from lightning_diloco.checkpointing import consolidate
+
+    parser = argparse.ArgumentParser(
+        prog="lightning-diloco consolidate",
+        description="Write a DiLoCo checkpoint directory as one Lightning checkpoint file: the global model as"
+        " `state_dict` (for `Model.load_from_checkpoint`), worker 0's inner optimizer state and Lightning's entries.",
+    )
+    parser.add_argument("checkpoint", help="the checkpoint directory (for example runs/x/version_0/checkpoints/last.ckpt)")
+    parser.add_argument("out", help="the file to write")
+    parsed = parser.parse_args(args)
+    consolidate(parsed.checkpoint, parsed.out)
+    print(f"wrote {parsed.out}")

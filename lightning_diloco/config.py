@@ -34,6 +34,7 @@ class DiLoCoConfig:
     overlap_steps: int = 0
     overlap_mixing: float = 0.5
     processes_per_worker: int = 1
+    sharding: Literal["none", "fsdp"] = "none"
     outer_backend: Optional[str] = None
     sync_timeout: Optional[float] = None
     nonfinite: Literal["skip", "raise"] = "skip"
@@ -49,6 +50,7 @@ class DiLoCoConfig:
         _check_outer_optimizer(self)
         _check_sync(self)
         _check_islands(self)
+        _check_sharding(self)
         if self.outer_device is not None:
             try:
                 object.__setattr__(self, "outer_device", torch.device(self.outer_device))
@@ -172,6 +174,7 @@ def _check_islands(config: DiLoCoConfig) -> None:
         "compression": config.compression != "none", "overlap_steps": config.overlap_steps > 0,
         "speed_weighted": config.speed_weighted, "sync_warmup_steps": config.sync_warmup_steps > 0,
         "processes_per_worker": config.processes_per_worker != 1, "outer_backend": config.outer_backend == "nccl",
+        "sharding": config.sharding != "none",
     }
     bad = [name for name, given in unsupported.items() if given]
     if bad:
@@ -180,6 +183,28 @@ def _check_islands(config: DiLoCoConfig) -> None:
             " one DiLoCo worker (all its processes train one replica), and its outer steps are blocking and"
             " uncompressed over gloo. Leave these arguments at their defaults, or train in one world without"
             " `coordinator`."
+        )
+
+
+def _check_sharding(config: DiLoCoConfig) -> None:
+    if config.sharding not in ("none", "fsdp"):
+        raise ValueError(
+            f"`sharding` must be 'none' (DistributedDataParallel inside a worker) or 'fsdp' (FSDP2 inside a worker),"
+            f" got {config.sharding!r}."
+        )
+    if config.sharding == "none":
+        return
+    if config.processes_per_worker < 2:
+        raise ValueError(
+            f"`sharding='fsdp'` shards each worker's replica over the worker's processes, but"
+            f" `processes_per_worker={config.processes_per_worker}`. Set `processes_per_worker` to the processes that"
+            " share one replica (for example the devices of one node), or leave `sharding='none'`."
+        )
+    if config.sync_warmup_steps > 0:
+        raise ValueError(
+            "`sharding='fsdp'` does not support a synchronous warm-up (`sync_warmup_steps > 0`) yet. Warm up with"
+            " `sharding='none'` (or Lightning's FSDP strategies) and resume from that checkpoint, or set"
+            " `sync_warmup_steps=0`."
         )
 
 

@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import IO, Any, Literal, Union, overload
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "fsync_directory"]
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def atomic_write(path: StrPath, mode: str = "wb") -> Iterator[IO[Any]]:
     except BaseException:
         _remove_quietly(temporary)
         raise
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
 
 
 def _remove_stale_temporaries(path: StrPath) -> None:
@@ -129,7 +129,7 @@ def _remove_quietly(path: Path) -> None:
         log.warning(f"Could not remove the temporary file {path}: {err}")
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
     """Make a rename in ``directory`` durable; file systems that cannot sync a directory are skipped."""
     try:
         fd = os.open(directory, os.O_RDONLY)

@@ -383,8 +383,5 @@ class IslandWorkers(Workers):
     def gather_objects(self, obj: Any) -> list[Any]:
         return self.local.gather_objects(obj)
 
-    def gather_to_first(self, obj: Any) -> Optional[list[Any]]:
-        return self.local.gather_to_first(obj)
-
     def mean_gradients_(self, module: Module, bucket_cap_mb: float) -> int:
         return self.local.mean_gradients_(module, bucket_cap_mb)

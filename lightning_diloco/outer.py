@@ -20,6 +20,8 @@ from torch import Tensor
 from torch.nn import Module, Parameter
 from torch.optim import SGD, Optimizer
 
+from lightning_diloco.sharding import local, to_global
+
 OuterOptimizerCallable = Callable[[Iterable[Tensor]], Optimizer]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -86,7 +88,7 @@ class OuterState:
         """Whether ``module``'s parameters or floating-point buffers are no longer the ones this state follows."""
         current = list(module.parameters())
         if len(current) != len(self.locals) or any(
-            p is not q or p.shape != g.shape for p, q, g in zip(current, self.locals, self.params)
+            p is not q or local(p).shape != g.shape for p, q, g in zip(current, self.locals, self.params)
         ):
             return True
         # a buffer registered anew (a pruning mask recomputed) is another tensor under the same name
@@ -95,7 +97,7 @@ class OuterState:
     def untracked(self, module: Module) -> list[Tensor]:
         """``module``'s parameters and floating-point buffers that this state holds no global value for."""
         known = {id(p): g.shape for p, g in zip(self.locals, self.params)}
-        fresh: list[Tensor] = [p for p in module.parameters() if known.get(id(p)) != p.shape]
+        fresh: list[Tensor] = [p for p in module.parameters() if known.get(id(p)) != local(p).shape]
         fresh += [b for name, b in float_buffers(module) if self._local_buffers.get(name) is not b]
         return fresh
 
@@ -107,13 +109,13 @@ class OuterState:
         value and its outer optimizer state; any other parameter or buffer starts from its current value, with a fresh
         outer optimizer state. Callers make those current values equal on every worker first.
         """
-        old = {id(p): g for p, g in zip(self.locals, self.params) if p.shape == g.shape}
+        old = {id(p): g for p, g in zip(self.locals, self.params) if local(p).shape == g.shape}
         old_optimizer: Optional[Optimizer] = getattr(self, "optimizer", None)
         self.locals = list(module.parameters())
         self.names = _parameter_names(module, self.locals)
         self.params = [
             kept if (kept := old.get(id(p))) is not None
-            else Parameter(p.detach().to(self.device, master_dtype(p.dtype), copy=True))
+            else Parameter(local(p).detach().to(self.device, master_dtype(p.dtype), copy=True))
             for p in self.locals
         ]
         self.buffers = {
@@ -141,7 +143,9 @@ class OuterState:
 
         """
         indices = range(len(self.params)) if indices is None else indices
-        return [self.params[i].to(device) - self.locals[i].detach().to(device, self.params[i].dtype) for i in indices]
+        return [
+            self.params[i].to(device) - local(self.locals[i]).detach().to(device, self.params[i].dtype) for i in indices
+        ]
 
     @torch.no_grad()
     def step(self, mean_pseudo_gradients: list[Tensor], indices: Optional[Sequence[int]] = None) -> None:
@@ -181,7 +185,7 @@ class OuterState:
 
         """
         for i in range(len(self.params)) if indices is None else indices:
-            _mix_(self.locals[i], self.params[i], mixing)
+            _mix_(local(self.locals[i]), self.params[i], mixing)
         if buffers:
             for name, buffer in float_buffers(module):
                 _mix_(buffer, self.buffers[name], mixing)
@@ -191,7 +195,7 @@ class OuterState:
         state = module.state_dict()
         # every name of every parameter: a tied parameter (an output layer sharing the embedding matrix) appears in
         # `state_dict` under each of its names but only once in `parameters()`; all its names get the global value
-        index = {id(p): g for p, g in zip(self.locals, self.params)}
+        index = {id(p): to_global(g, p) for p, g in zip(self.locals, self.params)}
         named = {name: index[id(p)] for name, p in module.named_parameters(remove_duplicate=False) if id(p) in index}
         for key in state:
             source: Optional[Tensor] = named.get(key, self.buffers.get(key))

@@ -20,7 +20,7 @@ import copy
 import math
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
@@ -310,16 +310,23 @@ class Rounds:
                 self.start(fragment, blocking=True)
 
     @torch.no_grad()
-    def close_round(self, saved: list[dict[str, Tensor]]) -> None:
+    def close_round(self, saved: Iterable[dict[str, Tensor]]) -> None:
         """Close every open round with the mean pseudo-gradient and buffers of the ``saved`` workers' local states
-        (``state_dict``s), as if they had sent them: how a checkpoint of another number of workers resumes."""
+        (``state_dict``s of this process's chunks, read one at a time), as if they had sent them: how a checkpoint of
+        another number of workers resumes."""
         self.land_pending()
         device = self.outer.device
-        means = [
-            torch.stack([g.detach() - w[n].to(device, g.dtype) for w in saved]).mean(dim=0)
-            for n, g in zip(self.outer.names, self.outer.params)
-        ]
-        buffers = {n: torch.stack([w[n].to(device, torch.float32) for w in saved]).mean(dim=0) for n in self.outer.buffers}
+        sums = [torch.zeros_like(g) for g in self.outer.params]
+        buffer_sums = {n: torch.zeros(b.shape, device=device) for n, b in self.outer.buffers.items()}
+        count = 0
+        for worker in saved:
+            count += 1
+            for total, n, g in zip(sums, self.outer.names, self.outer.params):
+                total.add_(g.detach() - worker[n].to(device, g.dtype))
+            for n, total in buffer_sums.items():
+                total.add_(worker[n].to(device, torch.float32))
+        means = [total.div_(count) for total in sums]
+        buffers = {n: total.div_(count) for n, total in buffer_sums.items()}
         open_fragments = [f for f in self.fragments if f.has_open_round(self.step)]
         carrier = next((f for f in reversed(open_fragments) if f.carries_buffers), None)
         for fragment in open_fragments:
@@ -416,13 +423,14 @@ class Rounds:
         )
 
 
-def outer_step_metrics(landed: Landed) -> dict[str, float]:
-    """The metrics of one landed sync (see the README's list)."""
+def outer_step_metrics(landed: Landed, sum_in_worker: Callable[[float], float] = float) -> dict[str, float]:
+    """The metrics of one landed sync (see the README's list); ``sum_in_worker`` adds up a sharded worker's parts."""
     sync, stats = landed.sync, landed.sync.stats
+    squared = sum_in_worker(sum(float(d.double().square().sum()) for d in sync.deltas))
     return {
         "diloco/outer_step": float(landed.outer_step),
         "diloco/fragment": float(sync.fragment.index),
-        "diloco/pseudo_grad_norm": math.sqrt(sum(float(d.double().square().sum()) for d in sync.deltas)),
+        "diloco/pseudo_grad_norm": math.sqrt(squared),
         "diloco/sync_seconds": time.perf_counter() - sync.started_at,
         "diloco/blocked_seconds": landed.blocked_seconds,
         "diloco/exchange_seconds": sync.exchange_seconds,

@@ -29,11 +29,13 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 from torch.nn import Module
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_diloco import advice, checkpointing
+from lightning_diloco import advice, checkpoint_dir, checkpointing
 from lightning_diloco.census import Census, OuterSyncError
 from lightning_diloco.checkpoint_io import AtomicCheckpointIO
 from lightning_diloco.elastic import attempt_store
@@ -42,6 +44,7 @@ from lightning_diloco.config import DEFAULTS, DiLoCoConfig
 from lightning_diloco.ddp_arguments import check_ddp_arguments, ddp_keywords, unused_ddp_arguments
 from lightning_diloco.outer import OuterOptimizerCallable, OuterState, float_buffers
 from lightning_diloco.rounds import Landed, Rounds, outer_step_metrics
+from lightning_diloco.sharding import ShardedWorkers, is_sharded, shard_module, worker_mesh
 from lightning_diloco.topology import Topology, build_topology, check_processes_per_worker
 from lightning_diloco.workers import ProcessGroupWorkers, Workers
 
@@ -110,6 +113,11 @@ class DiLoCoStrategy(DDPStrategy):
             outer update lands: ``local = alpha * local + (1 - alpha) * global``.
         processes_per_worker: G; each DiLoCo worker is G processes that train one replica together (DDP inside the
             worker, every step); only the workers' outer syncs cross between them. Must divide the world size.
+        sharding: how a worker of several processes holds its replica: ``"none"`` (every process holds all of it, with
+            DistributedDataParallel inside the worker) or ``"fsdp"`` (FSDP2's ``fully_shard`` over the worker's
+            processes, each of which then keeps the global weights and outer optimizer state of its own shards only;
+            see ``docs/sharding.md``). A LightningModule that shards itself in ``configure_model`` on
+            ``self.device_mesh`` (the worker's mesh) is sharded whatever this says.
         outer_backend: backend of the outer syncs' process groups, e.g. ``"gloo"`` (over CPU tensors, so workers on
             different kinds of accelerators can sync). Defaults to the training backend.
         sync_timeout: seconds an outer sync may wait for a peer before it fails with :class:`OuterSyncError`
@@ -194,6 +202,7 @@ class DiLoCoStrategy(DDPStrategy):
         overlap_steps: int = DEFAULTS.overlap_steps,
         overlap_mixing: float = DEFAULTS.overlap_mixing,
         processes_per_worker: int = DEFAULTS.processes_per_worker,
+        sharding: Literal["none", "fsdp"] = DEFAULTS.sharding,
         outer_backend: Optional[str] = None,
         sync_timeout: Optional[float] = None,
         nonfinite: Literal["skip", "raise"] = DEFAULTS.nonfinite,
@@ -216,7 +225,8 @@ class DiLoCoStrategy(DDPStrategy):
             outer_optimizer=outer_optimizer, outer_device=outer_device, sync_warmup_steps=sync_warmup_steps,
             eval_weights=eval_weights, compression=compression, error_feedback=error_feedback,
             num_fragments=num_fragments, overlap_steps=overlap_steps, overlap_mixing=overlap_mixing,
-            processes_per_worker=processes_per_worker, outer_backend=outer_backend, sync_timeout=sync_timeout,
+            processes_per_worker=processes_per_worker, sharding=sharding, outer_backend=outer_backend,
+            sync_timeout=sync_timeout,
             nonfinite=nonfinite, speed_weighted=speed_weighted, outer_bucket_cap_mb=outer_bucket_cap_mb,
             coordinator=coordinator, island=island, island_address=island_address, quorum_timeout=quorum_timeout,
         )
@@ -251,6 +261,8 @@ class DiLoCoStrategy(DDPStrategy):
         self._fitting = False
         self._executor: Optional[ThreadPoolExecutor] = None
         self._stashed_local: Optional[dict[str, Tensor]] = None  # local weights while evaluation sees global ones
+        self._device_mesh: Optional[DeviceMesh] = None  # the mesh of this process's worker (G > 1)
+        self._sharded = False  # whether the replica is sharded (FSDP2 or the module's own `configure_model`)
 
     @property
     def outer(self) -> Optional[OuterState]:
@@ -271,6 +283,24 @@ class DiLoCoStrategy(DDPStrategy):
     def _processes_per_worker(self) -> int:
         """G: the processes of one worker (all of an island's in islands mode)."""
         return self.world_size if self.config.islands else self.config.processes_per_worker
+
+    @property
+    def device_mesh(self) -> Optional[DeviceMesh]:
+        """The device mesh of this process's worker (its G processes; ``None`` for a worker of one process). A
+        LightningModule reads it as ``self.device_mesh`` in ``configure_model`` to shard itself."""
+        return self._device_mesh
+
+    @property
+    def sharded(self) -> bool:
+        """Whether each worker's replica is sharded over its processes."""
+        module = self.lightning_module
+        return self._sharded or self.config.sharding != "none" or (module is not None and is_sharded(module))
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        """A sharded replica loads its checkpoint once it is sharded (as under Lightning's ``ModelParallelStrategy``)."""
+        return self.sharded
 
     @property
     def quorum(self) -> Optional[Quorum]:
@@ -315,6 +345,14 @@ class DiLoCoStrategy(DDPStrategy):
         self.workers = ProcessGroupWorkers(self.topology)
         if c.islands:
             self.workers = IslandWorkers(self.workers, self._connect_island())
+        else:
+            self._device_mesh = worker_mesh(self.topology, self.root_device.type)
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        if self.lightning_module is not None:  # for the module's `configure_model`, as Lightning's model parallelism
+            self.lightning_module._device_mesh = self._device_mesh
 
     def _connect_island(self) -> Quorum:
         """This island's link to the coordinator and the other islands (see :mod:`lightning_diloco.islands`)."""
@@ -418,6 +456,9 @@ class DiLoCoStrategy(DDPStrategy):
     def configure_ddp(self) -> None:
         """Start every process from rank 0's weights; wrap in DDP only inside a worker of several processes."""
         assert self.model is not None and self.topology is not None
+        if self.sharded:
+            self._shard()
+            return
         _sync_module_states(self.model)
         if self._processes_per_worker > 1:
             self._ddp_kwargs["process_group"] = self.topology.intra
@@ -426,6 +467,22 @@ class DiLoCoStrategy(DDPStrategy):
         message = unused_ddp_arguments(self._ddp_kwargs, self._ddp_comm_hook)
         if message:
             rank_zero_info(message)
+
+    def _shard(self) -> None:
+        """Shard every worker's replica with FSDP2 over its processes (unless ``configure_model`` did), starting every
+        worker from the same weights, and average pseudo-gradients chunk by chunk."""
+        assert self.model is not None and self.topology is not None
+        if self._device_mesh is None:
+            raise ValueError(
+                "The LightningModule is sharded (its parameters are DTensors), which DiLoCo supports inside a worker of"
+                " several processes: set `processes_per_worker` to the processes that share one replica."
+            )
+        if not is_sharded(self.model):
+            _sync_module_states(self.model)
+            shard_module(self.model, self._device_mesh)
+        self._sharded = True
+        self.workers = ShardedWorkers(self.topology)
+        self.workers.broadcast_([*self.model.parameters(), *self.model.buffers()])
 
     @override
     def on_train_start(self) -> None:
@@ -534,7 +591,8 @@ class DiLoCoStrategy(DDPStrategy):
             self.bytes_sent["outer"] += sync.stats.bytes_sent
         if not sync.overlapped:
             self.timings.exchange_seconds += sync.exchange_seconds
-        metrics = outer_step_metrics(landed)
+        assert self.workers is not None
+        metrics = outer_step_metrics(landed, self.workers.sum_in_worker)
         metrics["diloco/bytes_sent_total"] = self.bytes_sent["outer"] + self.bytes_sent["warmup"]
         metrics["diloco/own_seconds_per_step"] = self.timings.own_seconds / max(self.timings.steps, 1)
         if self.config.speed_weighted and self.census is not None:
@@ -587,7 +645,7 @@ class DiLoCoStrategy(DDPStrategy):
             self._executor.shutdown(wait=not in_flight, cancel_futures=True)
             self._executor = None
         if self.topology is not None and not (self.rounds is not None and self.rounds.pending):
-            self.topology.release()
+            self.topology.release(keep_intra=self._sharded)
         super().teardown()
 
     # ------------------------------------------------------------------------------------------------------------
@@ -628,42 +686,83 @@ class DiLoCoStrategy(DDPStrategy):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None
     ) -> None:
-        """Gather every worker's local weights and inner optimizer state into rank 0's checkpoint, then write it.
+        """Write a checkpoint; all ranks call this (as Lightning does).
 
-        All ranks call this (as Lightning does), since gathering is a collective. Syncs in flight are waited for
-        (not applied): their means are saved and applied at their step after a resume.
+        During DiLoCo the checkpoint is a directory that every rank writes its own part of, in parallel (see
+        :mod:`lightning_diloco.checkpointing`): nothing is gathered. Syncs in flight are waited for (not applied):
+        their means are saved and applied at their step after a resume. Checkpoints of the synchronous warm-up and
+        of weights only are single files, as Lightning writes them.
         """
-        if self._fitting and "optimizer_states" in checkpoint:
-            if self.rounds is None:  # the synchronous warm-up: every worker holds the same state, Lightning's
-                checkpoint[checkpointing.CHECKPOINT_KEY] = checkpointing.warmup_entry(self.warmup_taken, self.bytes_sent)
-            else:
-                self._add_diloco_entry(checkpoint)
+        if self._fitting and "optimizer_states" in checkpoint and self.rounds is not None:
+            self._save_directory(checkpoint, filepath)
+            return
+        if self._fitting and "optimizer_states" in checkpoint:  # the synchronous warm-up: every worker holds the same
+            checkpoint[checkpointing.CHECKPOINT_KEY] = checkpointing.warmup_entry(self.warmup_taken, self.bytes_sent)
+        if self._sharded:  # a sharded replica's weights, whole (every rank takes part in gathering each tensor)
+            checkpoint["state_dict"] = {
+                k: v.full_tensor().cpu() if isinstance(v, DTensor) else v for k, v in checkpoint["state_dict"].items()
+            }
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
-    def _add_diloco_entry(self, checkpoint: dict[str, Any]) -> None:
+    def _save_directory(self, checkpoint: dict[str, Any], filepath: Any) -> None:
         assert self.rounds is not None and self.census is not None and self.workers is not None
-        module = self.rounds.module
-        state = module.state_dict()
+        assert self.topology is not None
+        rounds = self.rounds
+        state = rounds.module.state_dict()
         if self._stashed_local is not None:
             state.update(self._stashed_local)
-        mine = checkpointing.worker_state(
-            state, [self.optimizer_state(opt) for opt in self.optimizers], self.rounds, self.census
+        rounds_state = rounds.state_dict()  # waits for the syncs in flight, on every rank
+        entry = checkpointing.diloco_entry(
+            self.config, rounds_state, rounds.outer, rounds.module, self._layout(), self.warmup_taken, self.bytes_sent
         )
-        rounds = self.rounds.state_dict()  # waits for the syncs in flight, on every rank
-        workers = self.workers.gather_to_first(mine)
+        if self.quorum is not None:
+            entry["islands"] = self.quorum.state_dict()
+        tensors = checkpointing.rank_tensors(
+            rounds.outer, rounds_state, state, self.optimizers, [f.params for f in rounds.fragments],
+            [f.feedback.state_dict() if f.feedback is not None else None for f in rounds.fragments], self.census,
+            self.workers.index, self.topology.index_in_worker, checkpointing.own_entries(state, entry),
+        )
+        meta = None
         if self.is_global_zero:
-            assert workers is not None
-            checkpoint[checkpointing.CHECKPOINT_KEY] = checkpointing.diloco_entry(
-                self.config, rounds, self.rounds.outer, workers[:: self._processes_per_worker],
-                self.warmup_taken, self.bytes_sent,
-            )
-            if self.quorum is not None:
-                checkpoint[checkpointing.CHECKPOINT_KEY]["islands"] = self.quorum.state_dict()
+            meta = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+            meta[checkpointing.CHECKPOINT_KEY] = entry
+        io = self.checkpoint_io
+        if isinstance(io, _WrappingCheckpointIO) and io.checkpoint_io is not None:
+            io = io.checkpoint_io  # `meta.pt` must be complete before the directory moves into place
+        checkpoint_dir.save(filepath, tensors, meta, io.save_checkpoint, self.broadcast,
+                            lambda: self.barrier("DiLoCoStrategy.save_checkpoint"))
+
+    def _layout(self) -> dict[str, Any]:
+        return checkpointing.layout(self.num_workers, self._processes_per_worker, self._sharded)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        """Read a checkpoint: a single file, or the ``meta.pt`` of a checkpoint directory (its tensors are read into
+        the module and the optimizers where they go, each rank its own part)."""
+        if not checkpoint_dir.is_checkpoint_dir(checkpoint_path):
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        meta = checkpoint_dir.read_meta(checkpoint_path, self.checkpoint_io.load_checkpoint)
+        entry = meta.get(checkpointing.CHECKPOINT_KEY)
+        if entry is not None:
+            checkpointing.check_resumable(entry, self.config)
+            entry["directory"] = str(checkpoint_path)
+        return {**meta, "state_dict": {}, "optimizer_states": []}
 
     @override
     def load_model_state_dict(self, checkpoint: dict[str, Any], strict: bool = True) -> None:
+        module = self.lightning_module
+        assert module is not None
+        entry = checkpoint.get(checkpointing.CHECKPOINT_KEY) or {}
         try:
-            super().load_model_state_dict(checkpoint, strict=strict)
+            if "directory" in entry:
+                checkpointing.load_global_model(entry["directory"], entry, module)
+            elif self.sharded:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+                set_model_state_dict(module, checkpoint["state_dict"],
+                                     options=StateDictOptions(full_state_dict=True, strict=strict))
+            else:
+                super().load_model_state_dict(checkpoint, strict=strict)
         except RuntimeError as err:
             raise ValueError(
                 "The checkpoint's `state_dict` does not fit this LightningModule (it was written for a different"
@@ -681,7 +780,12 @@ class DiLoCoStrategy(DDPStrategy):
                 "The checkpoint has no DiLoCo state (it was written by another strategy or with weights only):"
                 " DiLoCo starts a new round from its weights, with a fresh outer optimizer, and every worker gets"
                 " rank 0's inner optimizer state."
+                + (" A sharded worker's inner optimizer starts afresh." if self.sharded else "")
             )
+            if self.sharded:
+                if self.rounds is not None:
+                    self._start_diloco()  # the module was sharded and loaded after `setup`
+                return
             super().load_optimizer_state_dict(checkpoint)
             return
         checkpointing.check_resumable(state, self.config)
@@ -695,10 +799,10 @@ class DiLoCoStrategy(DDPStrategy):
             return
         if self.rounds is None:
             self._start_diloco()  # the module holds the checkpoint's global weights
-        assert self.rounds is not None and self.census is not None
-        module = self.rounds.module
+        assert self.rounds is not None and self.census is not None and self.topology is not None
         checkpointing.restore(
-            state, self.rounds, self.census, self.optimizers, checkpoint["optimizer_states"], module.load_state_dict,
+            state["directory"], state, self.rounds, self.census, self.optimizers, self.rounds.module,
+            self._layout(), self.topology.index_in_worker,
             lambda optimizer: _optimizer_to_device(optimizer, self.root_device), rank_zero_warn,
         )
         if self.quorum is not None and "islands" in state:

@@ -41,14 +41,17 @@ class Topology:
     intra: Optional[dist.ProcessGroup] = None
     intra_sync: Optional[dist.ProcessGroup] = None
 
-    def release(self) -> None:
+    def release(self, keep_intra: bool = False) -> None:
         """Destroy this topology's groups (at the end of ``fit``; the next one builds them again).
+
+        ``keep_intra`` keeps the worker's own group: a sharded replica's ``DTensor`` parameters live on it, and the
+        module stays usable after ``fit``.
 
         A gloo group joins its threads only when it is destroyed and no longer referenced. Left to the interpreter's
         exit, a gloo thread can still be releasing the tensors of the last outer all-reduce while Python finalizes,
         and the process aborts (``terminate called without an active exception``).
         """
-        for name in ("control", "outer", "intra", "intra_sync"):
+        for name in ("control", "outer", "intra_sync") if keep_intra else ("control", "outer", "intra", "intra_sync"):
             group = getattr(self, name)
             if group is not None:
                 dist.destroy_process_group(group)

@@ -46,8 +46,9 @@ class Workers(ABC):
 
     @abstractmethod
     def gather_rows(self, row: Tensor) -> Tensor:
-        """Every worker's ``row`` (a small float64 vector), one row per worker; column 1 of a worker of several
-        processes is the largest of its processes' (the slowest process's seconds per step)."""
+        """Every worker's ``row`` (a small float64 vector), one row per worker. For a worker of several processes,
+        column 0 (its share) is the smallest of its processes' (a worker whose shards are not all finite has share 0)
+        and column 1 the largest (the slowest process's seconds per step)."""
 
     @abstractmethod
     def average_(
@@ -68,9 +69,10 @@ class Workers(ABC):
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every process's ``obj``, on every process (small objects only)."""
 
-    @abstractmethod
-    def gather_to_first(self, obj: Any) -> Optional[list[Any]]:
-        """Every process's ``obj`` on the first process (``None`` on the others)."""
+    def sum_in_worker(self, value: float) -> float:
+        """``value`` summed over the processes of this worker that hold different parts of its tensors (sharded
+        workers); a worker whose processes hold whole tensors returns ``value``."""
+        return value
 
     @abstractmethod
     def mean_gradients_(self, module: Module, bucket_cap_mb: float) -> int:
@@ -108,7 +110,9 @@ class ProcessGroupWorkers(Workers):
         dist.all_gather(gathered, row, group=topology.control)
         g = topology.processes_per_worker
         table = torch.stack(gathered[::g])  # one row per worker: its first process's
-        table[:, 1] = torch.stack(gathered)[:, 1].view(-1, g).max(dim=1).values
+        every = torch.stack(gathered)
+        table[:, 0] = every[:, 0].view(-1, g).min(dim=1).values
+        table[:, 1] = every[:, 1].view(-1, g).max(dim=1).values
         return table
 
     def average_(
@@ -153,13 +157,6 @@ class ProcessGroupWorkers(Workers):
         everyone: list[Any] = [None] * self.topology.world_size
         dist.all_gather_object(everyone, obj)
         return everyone
-
-    def gather_to_first(self, obj: Any) -> Optional[list[Any]]:
-        if not self._distributed:
-            return [obj]
-        gathered: Optional[list[Any]] = [None] * self.topology.world_size if self.topology.rank == 0 else None
-        dist.gather_object(obj, gathered, dst=0)
-        return gathered
 
     @torch.no_grad()
     def mean_gradients_(self, module: Module, bucket_cap_mb: float) -> int:

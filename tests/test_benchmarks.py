@@ -167,3 +167,21 @@ def test_islands_benchmark_fails_over_heals_and_counts_lost_work(tmp_path):
     assert all(o[mode]["outer_steps"] == 2 * (o["rounds"] - 1) for mode in ("islands", "one_world"))
     assert o["ratio"] == pytest.approx(o["islands"]["last_arriver_seconds"] / o["one_world"]["last_arriver_seconds"])
     assert float(summary["outer_step_overhead_ratio"]) == pytest.approx(o["ratio"], abs=0.01)
+
+
+def test_sharding_benchmark_shards_what_a_process_holds(tmp_path):
+    """benchmarks.sharding --quick: FSDP2 inside a worker of 2 holds half of what DDP inside holds, kind by kind (its
+    chunks of 0.7M parameters), and rank 0's memory while saving does not grow by a worker's state from k=1 to k=4."""
+    report_file = tmp_path / "sharding.json"
+    proc = run_benchmark("sharding", "--quick", "--out", str(tmp_path / "jobs"), "--json", str(report_file))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(report_file.read_text())
+    ddp, fsdp = report["inside"]
+    assert (ddp["sharding"], fsdp["sharding"]) == ("none", "fsdp")
+    params = ddp["parameters"]
+    assert ddp["weights"] == ddp["gradients"] == 4 * params and ddp["inner_optimizer"] == ddp["diloco"] == 8 * params
+    for kind in ("weights", "gradients", "inner_optimizer", "diloco"):
+        assert fsdp[kind] == pytest.approx(ddp[kind] / 2, rel=0.05), kind  # rank 0's chunks: about half
+    rows = report["rank0_vs_k"]
+    assert [r["k"] for r in rows] == [1, 2, 4]
+    assert rows[2]["rank0_save_growth"] - rows[0]["rank0_save_growth"] < rows[0]["worker_state"] / 2

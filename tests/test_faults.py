@@ -7,6 +7,7 @@ row by row.
 """
 
 import os
+import shutil
 import struct
 import sys
 import time
@@ -29,8 +30,10 @@ from helpers import launch
 from helpers.launch import LAUNCHER_ENV, load_ranks, run_script
 from helpers.reference import closed_round, simulate
 from helpers.toy import ToyModule, loaders
+from helpers.checkpoints import read_checkpoint
 from lightning_diloco import DiLoCoStrategy
 from lightning_diloco.checkpoint_io import CorruptCheckpointError
+from lightning_diloco.checkpointing import consolidate
 
 K, H = 2, 5
 ATOL = 1e-6
@@ -165,10 +168,8 @@ def check_resume(ckpt: Path, resumed: list[dict[str, Any]], inner_steps: int, **
         kwargs: ``fragments`` and the other options of the run, for ``reference.simulate``.
 
     """
-    checkpoint = torch.load(ckpt, weights_only=False)
+    checkpoint = read_checkpoint(ckpt)
     state = checkpoint["diloco"]
-    assert state["workers"][0]["optimizer_states"] is None  # worker 0's is Lightning's own
-    state["workers"][0]["optimizer_states"] = checkpoint["optimizer_states"]
     saved_k = len(state["workers"])
     assert saved_k != len(resumed)
     assert state["step"] > min(state["last_sync"])  # a round is open: the closing step has work to do
@@ -240,27 +241,39 @@ class Checkpoints:
             path = self.root / f"{name}.ckpt"
             if name == "ddp":  # another strategy: no DiLoCo state
                 _fit("auto").save_checkpoint(path)
+            elif name == "file":  # a DiLoCo checkpoint as one Lightning file
+                consolidate(self.get("diloco"), path)
             else:
                 _fit(DiLoCoStrategy(inner_steps=2)).save_checkpoint(path)
             self._made[name] = path
         return self._made[name]
 
     def edited(self, name: str, edit: Callable[[dict[str, Any]], None]) -> Path:
-        checkpoint = torch.load(self.get("diloco"), weights_only=False)
-        edit(checkpoint)
+        """A copy of the DiLoCo checkpoint directory with ``edit`` applied to its ``meta.pt``."""
         path = self.root / f"{name}.ckpt"
-        torch.save(checkpoint, path)
+        shutil.copytree(self.get("diloco"), path)
+        meta = torch.load(path / "meta.pt", weights_only=False)
+        edit(meta)
+        torch.save(meta, path / "meta.pt")
+        return path
+
+    def cut_meta(self, name: str) -> Path:
+        """A copy of the DiLoCo checkpoint directory whose ``meta.pt`` lost its second half."""
+        path = self.root / f"{name}.ckpt"
+        shutil.copytree(self.get("diloco"), path)
+        data = (path / "meta.pt").read_bytes()
+        (path / "meta.pt").write_bytes(data[: len(data) // 2])
         return path
 
     def cut(self, name: str, keep: float) -> Path:
-        data = self.get("diloco").read_bytes()
+        data = self.get("file").read_bytes()
         path = self.root / f"{name}.ckpt"
         path.write_bytes(data[: int(len(data) * keep)])
         return path
 
     def flipped(self, name: str) -> Path:
         """The checkpoint with one byte inverted in the middle of its largest tensor's bytes, its length unchanged."""
-        source = self.get("diloco")
+        source = self.get("file")
         with zipfile.ZipFile(source) as archive:
             largest = max(archive.infolist(), key=lambda info: info.compress_size)
         data = bytearray(source.read_bytes())
@@ -361,6 +374,16 @@ BAD_INPUT = [
     Bad("overlap_mixing=1", _new(overlap_mixing=1.0), ValueError, r"`overlap_mixing` must be in \[0, 1\), got 1\.0\."),
     Bad("processes_per_worker=0", _new(processes_per_worker=0), ValueError,
         r"`processes_per_worker` must be an integer >= 1, got 0\."),
+    Bad("sharding=zero", _new(sharding="zero"), ValueError,
+        r"`sharding` must be 'none' \(DistributedDataParallel inside a worker\) or 'fsdp' \(FSDP2 inside a worker\), got"
+        r" 'zero'\."),
+    Bad("sharding-with-one-process-per-worker", _new(sharding="fsdp"), ValueError,
+        r"`sharding='fsdp'` shards each worker's replica over the worker's processes, but `processes_per_worker=1`\."
+        r" Set `processes_per_worker` to the processes that share one replica"),
+    Bad("sharding-with-sync_warmup_steps", _new(sharding="fsdp", processes_per_worker=2, sync_warmup_steps=4),
+        ValueError, r"`sharding='fsdp'` does not support a synchronous warm-up \(`sync_warmup_steps > 0`\) yet\."),
+    Bad("sharding-with-islands", _new(sharding="fsdp", processes_per_worker=2, coordinator="http://127.0.0.1:1"),
+        ValueError, r"Islands mode \(`coordinator=...`\) does not support `processes_per_worker`, `sharding` yet"),
     Bad("sync_timeout=0", _new(sync_timeout=0), ValueError,
         r"`sync_timeout` must be a positive number of seconds, got 0\."),
     Bad("nonfinite=ignore", _new(nonfinite="ignore"), ValueError,
@@ -407,7 +430,7 @@ BAD_INPUT = [
         r" same number of fragments\."),
     Bad("checkpoint-of-another-version",
         lambda t, c: _fit(DiLoCoStrategy(inner_steps=2), None, c.edited("v99", _set_version), steps=5), ValueError,
-        r"The checkpoint's DiLoCo state has version 99; this version of lightning-diloco reads version 1\. Resume with"
+        r"The checkpoint's DiLoCo state has version 99; this version of lightning-diloco reads version 2\. Resume with"
         r" the version that wrote it\."),
     Bad("checkpoint-with-diloco-state-of-another-model",
         lambda t, c: _fit(DiLoCoStrategy(inner_steps=2), None, c.edited("renamed", _rename_outer), steps=5),
@@ -419,6 +442,10 @@ BAD_INPUT = [
         CorruptCheckpointError,
         r"The checkpoint .*half\.ckpt is not a complete checkpoint: it has \d+ bytes and ends before the archive's"
         r" table of contents: it was truncated\..* resume from an earlier checkpoint"),
+    Bad("checkpoint-directory-truncated", lambda t, c: _fit(DiLoCoStrategy(inner_steps=2), None, c.cut_meta("cut")),
+        CorruptCheckpointError,
+        r"The checkpoint .*cut\.ckpt/meta\.pt is not a complete checkpoint: it has \d+ bytes and ends before the"
+        r" archive's table of contents: it was truncated\."),
     Bad("checkpoint-empty", lambda t, c: _fit(DiLoCoStrategy(inner_steps=2), None, c.cut("empty", 0.0)),
         CorruptCheckpointError, r"The checkpoint .*empty\.ckpt is not a complete checkpoint: the file is empty\."),
     Bad("checkpoint-damaged", lambda t, c: _fit(DiLoCoStrategy(inner_steps=2), None, c.flipped("flipped")),

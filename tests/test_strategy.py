@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
+from helpers.checkpoints import read_checkpoint
 from helpers.launch import load_ranks, run_script
 from helpers.reference import simulate
 from helpers.toy import ToyData
@@ -85,7 +86,7 @@ def test_validation_sees_global_weights(diloco_run):
 def test_checkpoint_holds_global_model_and_every_worker(diloco_run):
     out, ranks = diloco_run
     sim = _simulate(ranks)
-    ckpt = torch.load(out / "ckpt" / "epoch=0-step=8.ckpt", weights_only=False)
+    ckpt = read_checkpoint(out / "ckpt" / "epoch=0-step=8.ckpt")
     state = ckpt["diloco"]
     assert (state["step"], state["last_sync"], state["num_workers"]) == (8, [5], K)
     assert state["outer"]["outer_step"] == 1
@@ -94,9 +95,9 @@ def test_checkpoint_holds_global_model_and_every_worker(diloco_run):
     for rank in range(K):
         local = torch.cat([v.reshape(-1) for k, v in state["workers"][rank]["module"].items() if not k.endswith(("_mean", "_var", "tracked"))])
         torch.testing.assert_close(local, sim.local[rank][7], rtol=0, atol=1e-6)
-    # worker 0's inner optimizer state is Lightning's own `optimizer_states`, written once
-    assert state["workers"][0]["optimizer_states"] is None
-    states = [ckpt["optimizer_states"], *(w["optimizer_states"] for w in state["workers"][1:])]
+    # every worker's inner optimizer state is its own (and worker 0's is the consolidated `optimizer_states`)
+    assert ckpt["optimizer_states"] is state["workers"][0]["optimizer_states"]
+    states = [w["optimizer_states"] for w in state["workers"]]
     exp_avg = [s[0]["state"][0]["exp_avg"] for s in states]
     assert not torch.equal(exp_avg[0], exp_avg[1])  # inner optimizer states are per worker
 
@@ -112,7 +113,7 @@ def test_mid_round_resume_is_bitwise_exact(diloco_run, tmp_path):
         assert not any("no DiLoCo state" in w for w in resumed[rank]["warnings"])
 
     # Without the DiLoCo state the same resume starts a new round from the global weights, and must differ.
-    stripped = torch.load(ckpt, weights_only=False)
+    stripped = read_checkpoint(ckpt)
     del stripped["diloco"]
     torch.save(stripped, tmp_path / "plain.ckpt")
     run_script("train_toy.py", "--out", str(tmp_path / "plain"), "--resume", str(tmp_path / "plain.ckpt"),
@@ -145,6 +146,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from helpers.toy import ToyModule, loaders  # noqa: E402
 from lightning_diloco import DiLoCoStrategy  # noqa: E402
+from lightning_diloco.checkpointing import consolidate  # noqa: E402
 
 
 def _fit(strategy: Any, module: L.LightningModule, steps: int = 12, **trainer_kwargs: Any) -> L.Trainer:
@@ -280,9 +282,10 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
 
 def test_checkpoint_after_fit_holds_the_global_model(tmp_path):
     path = _checkpoint(tmp_path, steps=3)  # H=2: the final outer step closes round two after step 3
-    ckpt = torch.load(path, weights_only=False)
+    ckpt = read_checkpoint(path)
     assert ckpt["diloco"]["step"] == 3 and ckpt["diloco"]["last_sync"] == [3]
-    restored = ToyModule.load_from_checkpoint(path)
+    consolidate(path, tmp_path / "model.ckpt")  # the checkpoint directory as one Lightning file
+    restored = ToyModule.load_from_checkpoint(tmp_path / "model.ckpt")
     for (name, a), b in zip(restored.state_dict().items(), ckpt["diloco"]["workers"][0]["module"].values()):
         assert torch.equal(a, b), name
 

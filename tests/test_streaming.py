@@ -15,6 +15,7 @@ import torch
 from helpers.launch import load_ranks, run_script
 from helpers.reference import Simulation, simulate
 from helpers.toy import ToyModule, loaders
+from helpers.checkpoints import read_checkpoint
 from lightning_diloco import DiLoCoStrategy
 from test_faults import check_resume
 
@@ -92,7 +93,7 @@ def test_resume_on_fewer_workers_closes_only_the_open_rounds(two_fragments, tmp_
     by the momentum). Then training goes on as the reference started from there."""
     out, _ = two_fragments
     ckpt = out / "ckpt" / "epoch=0-step=8.ckpt"
-    state = torch.load(ckpt, weights_only=False)["diloco"]
+    state = read_checkpoint(ckpt)["diloco"]
     assert (state["step"], state["last_sync"]) == (8, [6, 8])
     resumed = _run(tmp_path, "--devices", "1", "--inner-steps", "4", "--fragments", "2", "--compression", "int8",
                    "--resume", str(ckpt), "--val", "0", world=1)
@@ -159,7 +160,7 @@ def test_fit_ends_on_the_global_weights_with_a_sync_in_flight(overlapped):
 def test_mid_round_resume_with_a_sync_in_flight_is_bitwise_exact(overlapped, tmp_path):
     out, ranks = overlapped
     ckpt = out / "ckpt" / "epoch=1-step=16.ckpt"
-    state = torch.load(ckpt, weights_only=False)["diloco"]
+    state = read_checkpoint(ckpt)["diloco"]
     assert [(p["fragment"], p["step"], p["apply_at"]) for p in state["pending"]] == [(0, 15, 17)]
     resumed = _run(tmp_path / "resumed", "--inner-steps", "6", "--fragments", "2", "--overlap", "2", "--mixing",
                    "0.5", "--resume", str(ckpt), "--val", "0")

@@ -9,6 +9,7 @@ import torch
 
 from helpers.launch import load_ranks, run_script
 from helpers.reference import simulate
+from helpers.checkpoints import read_checkpoint
 
 K, H, W = 2, 3, 5  # 3 epochs of 8 steps: 5 synchronous steps, then DiLoCo syncs at 8, 11, ..., 23 and a final one
 
@@ -58,7 +59,7 @@ def test_warmup_steps_are_ddp_steps(tmp_path):
 def test_checkpoint_during_warmup_resumes_exactly(warm_run, tmp_path):
     out, ranks = warm_run
     ckpt = out / "ckpt" / "epoch=0-step=8.ckpt"  # written after DiLoCo started: 3 steps into the first round
-    state = torch.load(ckpt, weights_only=False)["diloco"]
+    state = read_checkpoint(ckpt)["diloco"]
     assert state["warmup_taken"] == W and state["step"] == 8 - W
     resumed = _run(tmp_path / "resumed", "--inner-steps", str(H), "--sync-warmup-steps", str(W), "--resume",
                    str(ckpt))
@@ -72,12 +73,12 @@ def test_resume_inside_the_warmup(tmp_path):
     args = ["--inner-steps", str(H), "--sync-warmup-steps", "12", "--ckpt-dir", str(tmp_path / "ckpt")]
     full = _run(tmp_path / "full", *args)
     ckpt = tmp_path / "ckpt" / "epoch=0-step=8.ckpt"
-    state = torch.load(ckpt, weights_only=False)["diloco"]
+    state = read_checkpoint(ckpt)["diloco"]
     # every warm-up step all-reduces the gradients (one fp32 bucket) and a flag per parameter tensor: a ring sends
     # 2 (k - 1) / k of each
     shapes = [tuple(t.shape) for k, t in full[0]["final"].items() if "running" not in k and "tracked" not in k]
     per_step = 2 * (K - 1) * 4 * (sum(math.prod(s) for s in shapes) + len(shapes)) // K
-    assert state == {"version": 1, "warmup_taken": 8, "bytes_sent": {"outer": 0.0, "warmup": 8 * per_step}}
+    assert state == {"version": 2, "warmup_taken": 8, "bytes_sent": {"outer": 0.0, "warmup": 8 * per_step}}
     resumed = _run(tmp_path / "resumed", *args[:4], "--resume", str(ckpt))
     for rank in range(K):
         for key, value in full[rank]["final"].items():

@@ -40,6 +40,16 @@ def gloo_threads() -> list[str]:
     return names
 
 
+def _forget_meshes() -> None:
+    """Drop the process groups that device meshes still hold: DTensor's caches of sharding plans keep a sharded run's
+    meshes (and with them their groups) alive after the model is gone."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    for obj in gc.get_objects():
+        if isinstance(obj, DeviceMesh) and isinstance(getattr(obj, "_pg_registry", None), dict):
+            obj._pg_registry.clear()
+
+
 def close_process_groups() -> None:
     """Destroy every process group and join its threads now, before the interpreter finalizes.
 
@@ -52,6 +62,8 @@ def close_process_groups() -> None:
     """
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()
+    _forget_meshes()
     gc.collect()  # the last references to the subgroups sit in reference cycles (Trainer <-> strategy)
     left = gloo_threads()
     if left:

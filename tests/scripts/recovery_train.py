@@ -6,8 +6,8 @@ Run with ``python -m torch.distributed.run --nproc-per-node 2 --max-restarts N r
 - ``mid_round``: right after optimizer step S (between two outer steps).
 - ``in_sync``: inside the outer step at step S, with its first all-reduce in flight (the other ranks are in it too).
 - ``in_checkpoint_write``: while the checkpoint of step S is saved. On rank 0 (the writer) halfway through the bytes
-  of the file named ``file=NAME`` (default ``last.ckpt``); on another rank inside the strategy's ``save_checkpoint``,
-  while rank 0 waits to gather its state.
+  of the ``meta.pt`` of the checkpoint directory named ``file=NAME`` (default ``last.ckpt``); on another rank inside
+  the strategy's ``save_checkpoint``, while rank 0 waits for it.
 
 Every attempt resumes with ``ckpt_path="last"``. Each rank writes ``rank<R>.pt`` (final weights, the checkpoint it
 resumed from) and appends a line per attempt to ``attempts.txt``.
@@ -102,7 +102,7 @@ class FaultyCheckpointIO(AtomicCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
         f = self.fault
         self._limit = None
-        if f and f.where == "in_checkpoint_write" and f.rank == 0 and self.step == f.step and path.endswith(f.file):
+        if f and f.where == "in_checkpoint_write" and f.rank == 0 and self.step == f.step and (path.endswith(f.file) or f"/.{f.file}." in path):
             buffer = io.BytesIO()
             torch.save(checkpoint, buffer)
             self._limit = buffer.getbuffer().nbytes // 2
