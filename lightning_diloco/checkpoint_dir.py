@@ -23,11 +23,14 @@ import errno
 import os
 import secrets
 import shutil
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import torch
+import torch.distributed
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -84,7 +87,9 @@ def save(
         _remove_stale_temporaries(final)
         temporary.mkdir()
     barrier()
-    dcp.save(tensors, checkpoint_id=temporary)  # collective; rank 0 writes `.metadata` once every rank is done
+    # collective; rank 0 writes `.metadata` once every rank is done
+    with _one_process_is_meant():
+        dcp.save(tensors, checkpoint_id=temporary, no_dist=not _distributed())
     if meta is not None:
         write_meta(meta, str(temporary / META))
         fsync_directory(temporary)
@@ -95,7 +100,8 @@ def save(
 def load(path: StrPath, targets: dict[str, Any]) -> dict[str, Any]:
     """Fill ``targets`` (this rank's ``{key: tensor}``, ``DTensor`` chunks included) from the checkpoint at ``path``;
     every rank calls this at the same point. Objects that are not tensors come back in the returned dictionary."""
-    dcp.load(targets, checkpoint_id=local_directory(path))
+    with _one_process_is_meant():
+        dcp.load(targets, checkpoint_id=local_directory(path), no_dist=not _distributed())
     return targets
 
 
@@ -122,8 +128,21 @@ def read(path: StrPath, prefixes: Optional[Iterable[str]] = None) -> dict[str, A
         if key.startswith(wanted):
             targets[key] = torch.empty(layout[0], dtype=layout[1]) if layout is not None else b""
     if targets:
-        dcp.load(targets, checkpoint_id=local_directory(path), no_dist=True)
+        with _one_process_is_meant():
+            dcp.load(targets, checkpoint_id=local_directory(path), no_dist=True)
     return targets
+
+
+@contextmanager
+def _one_process_is_meant() -> Iterator[None]:
+    """Without a process group, DCP warns that it assumes one process: here that is what is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def remove(path: StrPath) -> None:

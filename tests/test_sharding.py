@@ -47,6 +47,40 @@ def test_fsdp_inside_a_worker_trains_as_ddp_inside(runs):
         torch.testing.assert_close(fsdp[0]["final"][key], value, rtol=0, atol=1e-6, msg=key)
 
 
+def test_overlapped_syncs_of_fsdp_workers_train_as_ddp_inside(tmp_path):
+    args = ("--inner-steps", str(H), "--fragments", "2", "--overlap", "1")
+    fsdp, ddp = _run(tmp_path / "fsdp", *args), _run(tmp_path / "ddp", *args, "--sharding", "none")
+    for key, value in ddp[0]["final"].items():
+        torch.testing.assert_close(fsdp[0]["final"][key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_compressed_overlapped_sharded_run_resumes_bitwise_with_a_sync_in_flight(tmp_path):
+    """int8 with error feedback and overlap: the checkpoint at step 6 holds fragment 0's sync in flight and every
+    process's residuals; the resumed run ends bitwise where the uninterrupted one does."""
+    args = ("--inner-steps", str(H), "--fragments", "2", "--overlap", "1", "--compression", "int8", "--error-feedback")
+    full = _run(tmp_path / "full", *args, "--ckpt")
+    ckpt = tmp_path / "full" / "ckpt" / "epoch=0-step=6.ckpt"
+    state = read_checkpoint(ckpt)["diloco"]
+    assert [(p["fragment"], p["step"], p["apply_at"]) for p in state["pending"]] == [(0, 6, 7)]
+    assert sorted(state["workers"][0]["error_feedback"]) == list(range(G))  # one set of residuals per process
+    resumed = _run(tmp_path / "resumed", *args, "--resume", str(ckpt))
+    for rank in range(K * G):
+        for key, value in full[rank]["final"].items():
+            assert torch.equal(resumed[rank]["final"][key], value), (rank, key)
+
+
+def test_a_nan_in_one_chunk_drops_the_whole_worker(tmp_path):
+    """Rank 3's chunk of a weight becomes NaN in the last inner step of the first round (no forward sees it): worker 1
+    (ranks 2 and 3, whose rank 2 is finite) is dropped from that outer step as a whole, and every process ends with
+    the same finite global model."""
+    ranks = _run(tmp_path, "--inner-steps", str(H), "--nan-at", "3", "3")
+    assert any("The pseudo-gradient of worker(s) [1] is not finite" in w for w in ranks[0]["warnings"])
+    for key, value in ranks[0]["final"].items():
+        assert torch.isfinite(value).all(), key
+        for rank in range(1, K * G):
+            assert torch.equal(ranks[rank]["final"][key], value), (rank, key)
+
+
 def test_diloco_state_per_process_is_8_bytes_per_parameter_over_g(runs):
     fsdp, ddp = runs["fsdp"], runs["ddp"]
     params = fsdp[0]["model_numel"]

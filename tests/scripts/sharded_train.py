@@ -10,7 +10,8 @@ import argparse
 import copy
 import os
 import sys
-from typing import Any
+import warnings
+from typing import Any, Optional
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))  # the repository root, for `benchmarks`
@@ -35,7 +36,8 @@ class Blocks(L.LightningModule):
     """Four blocks in a ``ModuleList`` (FSDP units) between an input and an output layer; widths that do not divide
     by the processes of a worker, so that chunks are uneven."""
 
-    def __init__(self, width: int = 30, depth: int = 4, shard_itself: bool = False) -> None:
+    def __init__(self, width: int = 30, depth: int = 4, shard_itself: bool = False,
+                 nan_at: Optional[tuple[int, int]] = None) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.inp = nn.Linear(7, width)
@@ -43,6 +45,7 @@ class Blocks(L.LightningModule):
                                     for _ in range(depth))
         self.out = nn.Linear(width, 1)
         self.shard_itself = shard_itself
+        self.nan_at = nan_at  # (rank, step): that rank's chunk of `inp.weight` becomes NaN in that optimizer step
         self.start: dict[str, Any] = {}
 
     def configure_model(self) -> None:
@@ -62,6 +65,12 @@ class Blocks(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
         return nn.functional.mse_loss(self(x), y)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.nan_at == (self.global_rank, self.trainer.global_step):  # no forward sees it before the outer step
+            with torch.no_grad():
+                weight = self.inp.weight
+                (weight.to_local() if isinstance(weight, DTensor) else weight).fill_(float("nan"))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=0.01, weight_decay=0.1)
@@ -100,6 +109,7 @@ def main() -> None:
     parser.add_argument("--ckpt", action="store_true", help="a checkpoint at every epoch end (every 6 steps)")
     parser.add_argument("--resume", default=None)
     parser.add_argument("--width", type=int, default=30)
+    parser.add_argument("--nan-at", type=int, nargs=2, default=None, metavar=("RANK", "STEP"))
     parser.add_argument("--save-only", action="store_true", help="measure rank 0's memory while saving, then stop")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -118,8 +128,11 @@ def main() -> None:
         callbacks=callbacks, enable_checkpointing=args.ckpt, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0,
     )
-    model = Blocks(width=args.width, shard_itself=args.shard_itself)
-    trainer.fit(model, loader(args.devices), ckpt_path=args.resume)
+    model = Blocks(width=args.width, shard_itself=args.shard_itself,
+                   nan_at=tuple(args.nan_at) if args.nan_at else None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, loader(args.devices), ckpt_path=args.resume)
     outer = trainer.strategy.outer
     momentum = [s["momentum_buffer"] for s in outer.optimizer.state.values() if "momentum_buffer" in s]
     record = {
@@ -133,7 +146,7 @@ def main() -> None:
         "model_numel": sum(p.numel() for p in model.parameters()),
         "sharded": trainer.strategy.sharded,
         "bytes_sent": trainer.strategy.bytes_sent["outer"],
-        "warnings": [],
+        "warnings": [str(w.message) for w in caught],
     }
     if args.save_only:
         record["save_peak_bytes"] = _peak_while_saving(trainer, os.path.join(args.out, "k.ckpt"))
