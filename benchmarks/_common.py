@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: The benchmark worker, run as ``python -m`` (see :mod:`benchmarks._train_gpt`).
 WORKER = f"{__package__}._train_gpt"
 #: Wire bits per element without scales, the numbers the paper-style formula uses.
-NOMINAL_BITS = {"none": 32, "fp32": 32, "bf16": 16, "fp16": 16, "int8": 8, "int4": 4, "e3m0": 4}
+NOMINAL_BITS = {"none": 32, "fp32": 32, "bf16": 16, "fp16": 16, "int8": 8, "int4": 4, "e3m0": 4, "sparse": 64 * 14 / 4096}
 
 
 def free_port() -> int:
@@ -112,13 +112,14 @@ def exact_sync_bytes(numels: Sequence[int], compression: str, k: int, bucket_cap
     """Bytes one worker sends in one outer sync of tensors of ``numels`` elements, as ``average_`` moves them.
 
     Follows the documented algorithms of :mod:`lightning_diloco.collectives` (``"auto"``, CPU gloo): fp32 all-reduce
-    for ``"none"``, all-gather of the payloads for 2 workers, reduce-scatter + all-gather from 3 on; buckets of whole
+    for ``"none"``, all-gather of the payloads for 2 workers (and always for ``"sparse"``), reduce-scatter +
+    all-gather from 3 on; buckets of whole
     tensors aligned to the block size, padded to ``k`` blocks for reduce-scatter; block scales included.
     """
     if k <= 1:
         return 0
     codec = get_compressor(compression)
-    algorithm = "all_reduce" if codec.lossless else ("all_gather" if k <= 2 else "reduce_scatter")
+    algorithm = "all_reduce" if codec.lossless else ("all_gather" if k <= 2 or codec.gather_only else "reduce_scatter")
     total = 0
     for bucket in plan_buckets(list(numels), codec.block_size, bucket_cap_mb):
         length = bucket.numel

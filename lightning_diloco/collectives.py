@@ -22,7 +22,8 @@ compressor's :meth:`~lightning_diloco.compression.Compressor.payload_nbytes`):
     second time, so the error is one round trip larger than ``all_gather``'s.
 
 ``"auto"`` picks ``all_reduce`` for ``"none"``, ``all_gather`` for two ranks (same bytes as ``reduce_scatter`` there,
-one quantization fewer) and ``reduce_scatter`` from three ranks on. Where all-to-all is not available for the
+one quantization fewer) and for ``"sparse"`` (a sum of sparse payloads is not sparse), and ``reduce_scatter`` from
+three ranks on. Where all-to-all is not available for the
 tensors' device (taken to be the case for gloo with non-CPU tensors) ``reduce_scatter`` falls back to ``all_gather``,
 with a warning when it was asked for explicitly.
 
@@ -284,10 +285,12 @@ def _resolve_algorithm(
         )
     if world_size == 1:
         return "local"
+    if algorithm == "reduce_scatter" and codec.gather_only:
+        raise ValueError(f"`reduce_scatter` would re-encode sums of {codec.name!r} payloads; use `all_gather`.")
     if algorithm == "auto":
         if codec.lossless:
             return "all_reduce"
-        if world_size <= 2 or not _supports_all_to_all(group, device):
+        if world_size <= 2 or codec.gather_only or not _supports_all_to_all(group, device):
             return "all_gather"
         return "reduce_scatter"
     if algorithm == "reduce_scatter" and not _supports_all_to_all(group, device):

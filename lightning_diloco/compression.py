@@ -16,6 +16,7 @@ name      encoding                                                              
 ``int8``  ``round(x / s)`` in ``[-127, 127]``, ``s = absmax / 127`` per block   ``absmax / 254``
 ``int4``  ``round(x / s)`` in ``[-7, 7]``, ``s = absmax / 7`` per block         ``absmax / 14``
 ``e3m0``  sign + 3-bit exponent: ``x ≈ ±absmax 2^-k``, ``k in 0..6``, or ``0``  ``max(|x| / 3, absmax / 128)``
+``sparse`` top 64 of every 4096 by magnitude, 2-bit values, 12-bit positions     ``absmax / 3`` kept, ``|x|`` dropped
 ========  ====================================================================  ==================================
 
 ``absmax`` is the largest magnitude within the element's block. The bounds are those of exact arithmetic; the
@@ -68,6 +69,9 @@ class Compressor(ABC):
     name: ClassVar[str]
     #: Whether ``decode(encode(x))`` reproduces ``x`` bit for bit.
     lossless: ClassVar[bool] = False
+    #: Whether payloads must be gathered and summed, never summed in chunks and re-encoded (a sparse format: a sum of
+    #: sparse tensors is not sparse).
+    gather_only: ClassVar[bool] = False
 
     @property
     def block_size(self) -> int:
@@ -447,9 +451,117 @@ class FP16Compressor(_BlockCompressor):
         return torch.maximum(flat.abs() * 2.0**-11, scale * 2.0**-25)
 
 
+class SparseCompressor(Compressor):
+    """SparseLoCo's format (Sarfi et al. 2025): the ``k`` largest magnitudes of every block, 2-bit values, 12-bit
+    positions.
+
+    Each block of ``block_size`` elements (at most 4096, so that a position fits 12 bits) keeps its ``k`` entries of
+    largest magnitude; the rest are dropped (error feedback carries them into the next outer step). The kept values
+    are quantized to the four levels ``{-1, -1/3, 1/3, 1} * s`` with ``s`` the block's largest magnitude. The payload
+    is ``[scales as fp32][positions, two per 3 bytes][levels, four per byte]``: ``4 + 1.5k + k/4`` bytes per block,
+    116 bytes for 4096 elements at ``k = 64`` (1.56%), 141x fewer than fp32. The last block is zero-padded; a padded
+    position is never decoded. A sum of sparse tensors is not sparse, so payloads are gathered and summed in fp32
+    (:mod:`lightning_diloco.collectives` never re-encodes a sum of this format).
+
+    Bound on the round-trip error: ``s / 3`` for a kept element, ``|x|`` for a dropped one.
+
+    Args:
+        block_size: Elements per block, even, at most 4096 (the paper's chunk: 4096).
+        k: Entries kept per block, even, at most ``block_size`` (the paper's 1.56% of 4096: 64).
+    """
+
+    name = "sparse"
+    gather_only = True
+
+    def __init__(self, block_size: int = 4096, k: int = 64) -> None:
+        if not (2 <= block_size <= 4096 and block_size % 2 == 0):
+            raise ValueError(f"`block_size` must be an even number in [2, 4096], got {block_size}.")
+        if not (4 <= k <= block_size and k % 4 == 0):
+            raise ValueError(f"`k` must be a multiple of 4 in [4, block_size={block_size}], got {k}.")
+        self._block_size, self._k = block_size, k
+
+    @property
+    def block_size(self) -> int:
+        return self._block_size
+
+    @property
+    def bits_per_element(self) -> float:
+        return (32 + 12 * self._k + 2 * self._k) / self._block_size
+
+    def _num_blocks(self, numel: int) -> int:
+        return math.ceil(numel / self._block_size)
+
+    def payload_nbytes(self, numel: int) -> int:
+        return self._num_blocks(numel) * (4 + 3 * self._k // 2 + self._k // 4)
+
+    def _select(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(blocks, positions, scales)``: the zero-padded blocks, the kept positions of each (ascending) and each
+        block's largest magnitude."""
+        padding = self._num_blocks(flat.numel()) * self._block_size - flat.numel()
+        blocks = torch.nn.functional.pad(flat, (0, padding)).view(-1, self._block_size)
+        positions = blocks.abs().topk(self._k, dim=1, sorted=False).indices.sort(dim=1).values
+        scales = blocks.abs().amax(dim=1)
+        return blocks, positions, scales
+
+    def encode(self, flat: Tensor) -> Tensor:
+        flat = _check_flat(flat)
+        blocks, positions, scales = self._select(flat)
+        values = blocks.gather(1, positions)
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales))[:, None]
+        levels = ((values / safe + 1.0) * 1.5).round_().clamp_(0, 3).to(torch.uint8)
+        return torch.cat([scales.view(torch.uint8), _pack_12bit(positions.reshape(-1)), _pack_2bit(levels.reshape(-1))])
+
+    def decode(self, payload: Tensor, numel: int) -> Tensor:
+        self._check_payload(payload, numel)
+        blocks, k = self._num_blocks(numel), self._k
+        scales = _bytes_as(payload[: 4 * blocks], torch.float32)
+        positions_end = 4 * blocks + blocks * 3 * k // 2
+        positions = _unpack_12bit(payload[4 * blocks : positions_end], blocks * k).view(blocks, k)
+        levels = _unpack_2bit(payload[positions_end:], blocks * k).view(blocks, k)
+        values = (levels.to(torch.float32) / 1.5 - 1.0) * scales[:, None]
+        out = torch.zeros(blocks, self._block_size, dtype=torch.float32, device=payload.device)
+        out.scatter_(1, positions, values)
+        return out.reshape(-1)[:numel].contiguous()
+
+    def error_bound(self, flat: Tensor) -> Tensor:
+        flat = _check_flat(flat)
+        blocks, positions, scales = self._select(flat)
+        bound = blocks.abs()
+        bound.scatter_(1, positions, (scales / 3)[:, None].expand_as(positions).contiguous())
+        return (bound + scales[:, None] * FP32_SLACK).reshape(-1)[: flat.numel()]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(block_size={self._block_size}, k={self._k})"
+
+
+def _pack_12bit(values: Tensor) -> Tensor:
+    """Pack an even number of values in ``[0, 4095]`` two per 3 bytes."""
+    pairs = values.to(torch.int32).view(-1, 2)
+    a, b = pairs[:, 0], pairs[:, 1]
+    return torch.stack([a & 0xFF, (a >> 8) | ((b & 0x0F) << 4), b >> 4], dim=1).to(torch.uint8).reshape(-1)
+
+
+def _unpack_12bit(packed: Tensor, numel: int) -> Tensor:
+    triples = packed.to(torch.int64).view(-1, 3)
+    a = triples[:, 0] | ((triples[:, 1] & 0x0F) << 8)
+    b = (triples[:, 1] >> 4) | (triples[:, 2] << 4)
+    return torch.stack([a, b], dim=1).reshape(-1)[:numel]
+
+
+def _pack_2bit(values: Tensor) -> Tensor:
+    """Pack a multiple of 4 values in ``[0, 3]`` four per byte, element ``4i`` in the lowest bits."""
+    quads = values.to(torch.uint8).view(-1, 4)
+    return quads[:, 0] | (quads[:, 1] << 2) | (quads[:, 2] << 4) | (quads[:, 3] << 6)
+
+
+def _unpack_2bit(packed: Tensor, numel: int) -> Tensor:
+    return torch.stack([(packed >> shift) & 0x03 for shift in (0, 2, 4, 6)], dim=1).reshape(-1)[:numel]
+
+
 _COMPRESSORS: dict[str, type[Compressor]] = {
     cls.name: cls
-    for cls in (NoCompression, BF16Compressor, FP16Compressor, Int8Compressor, Int4Compressor, E3M0Compressor)
+    for cls in (NoCompression, BF16Compressor, FP16Compressor, Int8Compressor, Int4Compressor, E3M0Compressor,
+                SparseCompressor)
 }
 
 #: Names accepted by :func:`get_compressor`.

@@ -83,6 +83,7 @@ def test_bits_per_element_per_format():
         "int8": 8 + 32 / 256,
         "int4": 4 + 32 / 256,
         "e3m0": 4 + 32 / 256,
+        "sparse": (32 + 64 * (12 + 2)) / 4096,  # a scale, and 64 kept entries of 12-bit position + 2-bit level
     }
     assert {name: get_compressor(name).bits_per_element for name in COMPRESSOR_NAMES} == expected
     assert Int8Compressor(block_size=1024).bits_per_element == 8 + 32 / 1024
@@ -188,8 +189,11 @@ def test_error_feedback_keeps_the_running_sum(name):
         feedback = ErrorFeedback()
         total = run_syncs(compressor, inputs, feedback)
         target = torch.stack(inputs).sum(dim=0)
-        # sum(decoded) = sum(inputs) - last residual, exactly up to fp32 rounding of the sums
-        torch.testing.assert_close(total, target - feedback.residual(0), rtol=1e-5, atol=1e-6)
+        # sum(decoded) = sum(inputs) - last residual, exactly up to fp32 rounding of the sums (syncs terms of at most
+        # the largest running value each; sparse residuals grow to many inputs before they are sent)
+        largest = float(target.abs().max() + feedback.residual(0).abs().max())
+        atol = 1e-6 + syncs * torch.finfo(torch.float32).eps * largest
+        torch.testing.assert_close(total, target - feedback.residual(0), rtol=1e-5, atol=atol)
     # Without feedback a constant input's rounding error piles up linearly.
     drift_without = (run_syncs(compressor, constant, None) - torch.stack(constant).sum(dim=0)).abs().max()
     feedback = ErrorFeedback()
@@ -217,3 +221,59 @@ def test_error_feedback_state_dict_round_trip():
     restored.reset()
     assert restored.residual(0) is None
     assert math.isclose(float(restored.compensate_(0, torch.ones(5)).sum()), 5.0)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# sparse (SparseLoCo): top-k per block, 2-bit values, 12-bit positions
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_sparse_keeps_the_largest_entries_of_every_block_on_four_levels():
+    from lightning_diloco.compression import SparseCompressor
+
+    codec = SparseCompressor(block_size=16, k=4)
+    x = torch.tensor([0.1, -5.0, 0.2, 3.0, 0.0, -0.3, 1.0, 0.05, 0.4, 0.0, -0.2, 0.1, 0.0, 2.5, 0.0, 0.3,
+                      7.0, -1.0, 0.5])  # a full block of 16, then a block of 3 (padded to 16)
+    payload = codec.encode(x)
+    assert payload.numel() == 2 * (4 + 6 + 1) == codec.payload_nbytes(19)
+    y = codec.decode(payload, 19)
+    # block 1 keeps -5, 3, 2.5 and 1 on the levels {-1, -1/3, 1/3, 1} * 5; block 2 keeps all 3, levels of 7
+    s1, s2 = 5.0, 7.0
+    want = torch.zeros(19)
+    want[[1, 3, 6, 13]] = torch.tensor([-1.0, 1 / 3, 1 / 3, 1 / 3]) * s1  # 3/5 rounds to 1/3, 2.5/5 and 1/5 too
+    want[[16, 17, 18]] = torch.tensor([1.0, -1 / 3, 1 / 3]) * s2
+    torch.testing.assert_close(y, want)
+    assert ((x - y).abs() <= codec.error_bound(x)).all()
+
+
+def test_sparse_is_141_times_smaller_than_fp32_and_never_reduce_scattered():
+    from lightning_diloco.collectives import _resolve_algorithm
+    from lightning_diloco.compression import SparseCompressor
+
+    codec = get_compressor("sparse")
+    n = 4096 * 10
+    assert codec.payload_nbytes(n) == 10 * (4 + 96 + 16)
+    assert 4 * n / codec.payload_nbytes(n) == pytest.approx(141.24, abs=0.01)
+    assert _resolve_algorithm("auto", codec, 8, None, torch.device("cpu")) == "all_gather"
+    with pytest.raises(ValueError, match="re-encode sums of 'sparse'"):
+        _resolve_algorithm("reduce_scatter", codec, 8, None, torch.device("cpu"))
+    with pytest.raises(ValueError, match="at most 4096|in \\[2, 4096\\]"):
+        SparseCompressor(block_size=8192)
+
+
+def test_sparse_with_error_feedback_sends_everything_in_the_end():
+    """What one outer step drops, the next ones send: the sum of decoded payloads over many steps of the same input
+    approaches the sum of inputs (the residual stays bounded by one round trip's error)."""
+    codec = get_compressor("sparse")
+    feedback = ErrorFeedback()
+    x = torch.randn(4096 * 2, generator=torch.Generator().manual_seed(0))
+    sent = torch.zeros_like(x)
+    steps = 200
+    for _ in range(steps):
+        flat = feedback.compensate_(0, x.clone())
+        decoded = codec.decode(codec.encode(flat), flat.numel())
+        feedback.update_(0, flat, decoded)
+        sent += decoded
+    residual = feedback.residual(0)
+    torch.testing.assert_close(sent + residual, x * steps, rtol=0, atol=1e-3)
+    assert residual.abs().max() < x.abs().max() * 64  # bounded: it does not grow with the number of steps

@@ -359,7 +359,7 @@ BAD_INPUT = [
     Bad("eval_weights=best", _new(eval_weights="best"), ValueError,
         r"`eval_weights` must be 'global' or 'local', got 'best'\."),
     Bad("compression=int3", _new(compression="int3"), ValueError,
-        r"`compression` must be one of none, bf16, fp16, int8, int4, e3m0; got 'int3'\."),
+        r"`compression` must be one of none, bf16, fp16, int8, int4, e3m0, sparse; got 'int3'\."),
     Bad("error_feedback-without-compression", _new(error_feedback=True), ValueError,
         r"`error_feedback=True` needs a lossy `compression` \(for example 'int8'\); 'none' loses nothing\."),
     Bad("num_fragments=0", _new(num_fragments=0), ValueError, r"`num_fragments` must be an integer >= 1, got 0\."),

@@ -257,3 +257,26 @@ def test_e3m0_with_error_feedback_equals_the_reference_that_carries_residuals(e3
     exact = _simulate(ranks, 5)
     assert torch.equal(exact.local[0][3], sim.local[0][3])
     assert not torch.allclose(exact.local[0][4], sim.local[0][4], rtol=0, atol=ATOL)
+
+
+def test_sparse_with_error_feedback_equals_the_reference_that_carries_residuals(tmp_path):
+    """SparseLoCo's format (top 64 of every block of 4096, 2-bit values) on every contribution, with each worker's
+    residual carried into its next sync, as the reference does them; the bytes sent are the format's exact payloads
+    (all-gathered: 2 workers send one payload each per bucket)."""
+    ranks = _run(tmp_path, "--inner-steps", "5", "--compression", "sparse", "--error-feedback", "--val", "0")
+    sim = _simulate(ranks, 5, compression="sparse", error_feedback=True)
+    _assert_locals_equal(ranks, sim)
+    _assert_finals_equal(ranks, sim)
+    assert any(r.abs().max() > 0 for r in sim.residuals[0].values())
+    exact = _simulate(ranks, 5)
+    assert not torch.allclose(exact.local[0][4], sim.local[0][4], rtol=0, atol=ATOL)
+    from lightning_diloco.collectives import plan_buckets
+    from lightning_diloco.compression import get_compressor
+
+    codec = get_compressor("sparse")
+    final = ranks[0]["final"]
+    params = [t.numel() for k, t in final.items() if not k.endswith(("running_mean", "running_var", "tracked"))]
+    buffers = sum(t.numel() for k, t in final.items() if k.endswith(("running_mean", "running_var")))
+    per_sync = sum(codec.payload_nbytes(b.numel) for b in plan_buckets(params, codec.block_size, 128.0))
+    per_sync += 4 * buffers  # the buffers' fp32 all-reduce: 2 (k - 1) / k of 4 bytes each, k = 2
+    assert ranks[0]["bytes_sent"]["outer"] == ranks[0]["outer_steps"] * per_sync
