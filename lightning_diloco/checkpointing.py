@@ -92,6 +92,7 @@ def diloco_entry(
         "outer": {
             "names": list(outer.names), "buffers": list(outer.buffers), "outer_step": outer.outer_step,
             "param_groups": optimizer["param_groups"], "state": _objects(optimizer["state"]),
+            "scheduler": outer.scheduler.state_dict() if outer.scheduler is not None else None,
         },
         "state_dict": _state_dict_layout(outer, module),
     }
@@ -264,6 +265,7 @@ def restore(
         "buffers": {name: loaded[f"outer/buffers/{name}"] for name in outer.buffers},
         "optimizer": {"state": _merge(state["outer"]["state"], loaded, "outer/optimizer/", local_values=True),
                       "param_groups": state["outer"]["param_groups"]},
+        "scheduler": state["outer"].get("scheduler"),
         "outer_step": state["outer"]["outer_step"],
     })
     rounds.load_state_dict({

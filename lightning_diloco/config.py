@@ -7,13 +7,14 @@ says what it got and what to do. It imports nothing from Lightning.
 """
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
 import torch
 
 from lightning_diloco.compression import COMPRESSOR_NAMES
-from lightning_diloco.outer import OuterOptimizerCallable, default_outer_optimizer
+from lightning_diloco.outer import OuterOptimizerCallable, OuterSchedulerCallable, default_outer_optimizer
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class DiLoCoConfig:
     outer_momentum: float = 0.9
     outer_nesterov: bool = True
     outer_optimizer: Optional[OuterOptimizerCallable] = None
+    outer_lr_scheduler: Optional[OuterSchedulerCallable] = None
     outer_device: Optional[Union[str, torch.device]] = None
     sync_warmup_steps: int = 0
     eval_weights: Literal["global", "local"] = "global"
@@ -99,6 +101,12 @@ def _check_steps(config: DiLoCoConfig) -> None:
 
 
 def _check_outer_optimizer(config: DiLoCoConfig) -> None:
+    if config.outer_lr_scheduler is not None and not callable(config.outer_lr_scheduler):
+        raise TypeError(
+            f"`outer_lr_scheduler` must be a callable that takes the outer optimizer and returns a learning-rate"
+            f" scheduler, got {type(config.outer_lr_scheduler).__name__}. Pass for example"
+            " `functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=100)`."
+        )
     if config.outer_optimizer is None:
         return
     if not callable(config.outer_optimizer):
@@ -140,6 +148,12 @@ def _check_sync(config: DiLoCoConfig) -> None:  # noqa: C901 (one check per opti
         raise ValueError(f"`overlap_mixing` must be in [0, 1), got {config.overlap_mixing!r}.")
     if config.sync_timeout is not None and not config.sync_timeout > 0:
         raise ValueError(f"`sync_timeout` must be a positive number of seconds, got {config.sync_timeout!r}.")
+    if config.compression == "sparse" and not config.error_feedback:
+        warnings.warn(
+            "`compression='sparse'` sends the top 1.56% of every pseudo-gradient; without `error_feedback=True` the"
+            " rest is lost at every outer step. Set `error_feedback=True` (SparseLoCo carries it into later steps).",
+            UserWarning, stacklevel=4,
+        )
     if config.nonfinite not in ("skip", "raise"):
         raise ValueError(f"`nonfinite` must be 'skip' or 'raise', got {config.nonfinite!r}.")
     if config.outer_backend not in (None, "gloo", "nccl", "mpi"):

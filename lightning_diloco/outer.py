@@ -19,10 +19,12 @@ import torch
 from torch import Tensor
 from torch.nn import Module, Parameter
 from torch.optim import SGD, Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
 from lightning_diloco.sharding import local, to_global
 
 OuterOptimizerCallable = Callable[[Iterable[Tensor]], Optimizer]
+OuterSchedulerCallable = Callable[[Optimizer], LRScheduler]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -70,12 +72,18 @@ class OuterState:
         optimizer: builds the outer optimizer from the global parameters.
         device: where the global copy and the outer optimizer state live (for example ``cpu`` to keep them out of
             accelerator memory).
+        scheduler: builds a learning-rate scheduler of the outer optimizer, stepped after every outer step.
 
     """
 
-    def __init__(self, module: Module, optimizer: OuterOptimizerCallable, device: Union[str, torch.device]) -> None:
+    def __init__(
+        self, module: Module, optimizer: OuterOptimizerCallable, device: Union[str, torch.device],
+        scheduler: Optional[OuterSchedulerCallable] = None,
+    ) -> None:
         self.device = torch.device(device)
         self._build_optimizer = optimizer
+        self._build_scheduler = scheduler
+        self.scheduler: Optional[LRScheduler] = None
         self.locals: list[Tensor] = []
         self.names: list[str] = []
         self.params: list[Parameter] = []
@@ -132,6 +140,22 @@ class OuterState:
             )
         if old_optimizer is not None:
             _carry_optimizer_state(old_optimizer, self.optimizer)
+        self._follow_scheduler()
+
+    def _follow_scheduler(self) -> None:
+        """A scheduler of the (new) outer optimizer, carrying the previous one's progress."""
+        if self._build_scheduler is None:
+            return
+        previous = self.scheduler.state_dict() if self.scheduler is not None else None
+        self.scheduler = self._build_scheduler(self.optimizer)
+        if not isinstance(self.scheduler, LRScheduler):
+            raise TypeError(
+                f"`outer_lr_scheduler` must return a `torch.optim.lr_scheduler.LRScheduler`, got"
+                f" {type(self.scheduler).__name__}. Pass a callable such as"
+                " `functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=100)`."
+            )
+        if previous is not None:
+            self.scheduler.load_state_dict(previous)
 
     @torch.no_grad()
     def pseudo_gradients(self, device: torch.device, indices: Optional[Sequence[int]] = None) -> list[Tensor]:
@@ -162,6 +186,8 @@ class OuterState:
             self.params[i].grad = delta.to(self.device, self.params[i].dtype)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
         self.outer_step += 1
 
     @torch.no_grad()
@@ -209,6 +235,7 @@ class OuterState:
             "params": [p.detach() for p in self.params],
             "buffers": dict(self.buffers),
             "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "outer_step": self.outer_step,
         }
 
@@ -227,6 +254,8 @@ class OuterState:
         for name, value in state["buffers"].items():
             self.buffers[name].copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
         self.outer_step = int(state["outer_step"])
 
 

@@ -42,7 +42,7 @@ from lightning_diloco.elastic import attempt_store
 from lightning_diloco.islands import IslandOptions, IslandWorkers, Quorum
 from lightning_diloco.config import DEFAULTS, DiLoCoConfig
 from lightning_diloco.ddp_arguments import check_ddp_arguments, ddp_keywords, unused_ddp_arguments
-from lightning_diloco.outer import OuterOptimizerCallable, OuterState, float_buffers
+from lightning_diloco.outer import OuterOptimizerCallable, OuterSchedulerCallable, OuterState, float_buffers
 from lightning_diloco.rounds import Landed, Rounds, outer_step_metrics
 from lightning_diloco.sharding import ShardedWorkers, is_sharded, shard_module, worker_mesh
 from lightning_diloco.topology import Topology, build_topology, check_processes_per_worker
@@ -95,6 +95,9 @@ class DiLoCoStrategy(DDPStrategy):
         outer_optimizer: a callable that takes the global parameters and returns any ``torch.optim.Optimizer``; it
             replaces the default outer optimizer (``outer_lr``/``outer_momentum``/``outer_nesterov`` must then keep
             their defaults).
+        outer_lr_scheduler: a callable that takes the outer optimizer and returns a
+            ``torch.optim.lr_scheduler.LRScheduler`` of it (an outer learning-rate schedule), stepped after every outer
+            step (every fragment's sync counts as one); checkpointed and resumed with the outer optimizer.
         outer_device: where the global weights and the outer optimizer state live; ``"cpu"`` keeps them out of
             accelerator memory. Defaults to the device the model trains on.
         sync_warmup_steps: W; the first W optimizer steps are synchronous, as in DDP (gradients averaged over all
@@ -193,6 +196,7 @@ class DiLoCoStrategy(DDPStrategy):
         outer_momentum: float = DEFAULTS.outer_momentum,
         outer_nesterov: bool = DEFAULTS.outer_nesterov,
         outer_optimizer: Optional[OuterOptimizerCallable] = None,
+        outer_lr_scheduler: Optional[OuterSchedulerCallable] = None,
         outer_device: Optional[Union[str, torch.device]] = None,
         sync_warmup_steps: int = DEFAULTS.sync_warmup_steps,
         eval_weights: Literal["global", "local"] = DEFAULTS.eval_weights,
@@ -222,7 +226,7 @@ class DiLoCoStrategy(DDPStrategy):
         check_ddp_arguments(accelerator, model_averaging_period, ddp_comm_state)
         self.config = DiLoCoConfig(
             inner_steps=inner_steps, outer_lr=outer_lr, outer_momentum=outer_momentum, outer_nesterov=outer_nesterov,
-            outer_optimizer=outer_optimizer, outer_device=outer_device, sync_warmup_steps=sync_warmup_steps,
+            outer_optimizer=outer_optimizer, outer_lr_scheduler=outer_lr_scheduler, outer_device=outer_device, sync_warmup_steps=sync_warmup_steps,
             eval_weights=eval_weights, compression=compression, error_feedback=error_feedback,
             num_fragments=num_fragments, overlap_steps=overlap_steps, overlap_mixing=overlap_mixing,
             processes_per_worker=processes_per_worker, sharding=sharding, outer_backend=outer_backend,
@@ -438,7 +442,7 @@ class DiLoCoStrategy(DDPStrategy):
         module = self.lightning_module
         assert module is not None and self.workers is not None
         c = self.config
-        outer = OuterState(module, c.build_outer_optimizer(), self._outer_device())
+        outer = OuterState(module, c.build_outer_optimizer(), self._outer_device(), c.outer_lr_scheduler)
         self.census = Census(c.inner_steps, c.speed_weighted, c.nonfinite, rank_zero_warn)
         self.rounds = Rounds(
             c, module, outer, self.workers, self.census, self._communication_device(outer), self._executor,
@@ -595,6 +599,8 @@ class DiLoCoStrategy(DDPStrategy):
         metrics = outer_step_metrics(landed, self.workers.sum_in_worker)
         metrics["diloco/bytes_sent_total"] = self.bytes_sent["outer"] + self.bytes_sent["warmup"]
         metrics["diloco/own_seconds_per_step"] = self.timings.own_seconds / max(self.timings.steps, 1)
+        assert self.rounds is not None
+        metrics["diloco/outer_lr"] = float(self.rounds.outer.optimizer.param_groups[0]["lr"])
         if self.config.speed_weighted and self.census is not None:
             metrics["diloco/round_budget"] = float(self.census.budget)
         if self.quorum is not None:

@@ -441,3 +441,21 @@ def test_two_islands_through_the_command_line(tmp_path):
         assert max(_values(rows, "diloco/islands")) == 2
         saved = yaml.safe_load((tmp_path / "runs" / name / "version_0" / "config.yaml").read_text())
         assert (saved["data"]["shard"], saved["data"]["num_shards"]) == ("ab".index(name), 2)
+
+
+def test_an_outer_lr_scheduler_from_the_command_line(tmp_path, monkeypatch):
+    """`--trainer.strategy.init_args.outer_lr_scheduler=<class path>` with its `init_args`: the strategy gets a callable
+    that builds that scheduler on the outer optimizer."""
+    from lightning_diloco.cli import build_cli
+
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli([
+        "--config", str(Path(__file__).parent.parent / "configs" / "tiny.yaml"),
+        "--trainer.strategy.init_args.outer_lr_scheduler=torch.optim.lr_scheduler.ExponentialLR",
+        "--trainer.strategy.init_args.outer_lr_scheduler.gamma=0.5",
+    ], run=False)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.7)
+    scheduler = cli.trainer.strategy.config.outer_lr_scheduler(optimizer)
+    assert isinstance(scheduler, torch.optim.lr_scheduler.ExponentialLR)
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.35)

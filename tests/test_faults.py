@@ -354,12 +354,18 @@ BAD_INPUT = [
     Bad("outer_optimizer-and-outer_lr", _new(outer_optimizer=lambda p: torch.optim.Adam(p), outer_lr=0.5), ValueError,
         r"`outer_lr` configure the default outer optimizer, which `outer_optimizer` replaces\. Set the learning rate"
         r" and momentum inside `outer_optimizer` instead\."),
+    Bad("outer_lr_scheduler-not-callable", _new(outer_lr_scheduler="cosine"), TypeError,
+        r"`outer_lr_scheduler` must be a callable that takes the outer optimizer and returns a learning-rate"
+        r" scheduler, got str\."),
     Bad("outer_device=gpu0", _new(outer_device="gpu0"), ValueError,
         r"`outer_device='gpu0'` is not a device; use 'cpu', 'cuda' or 'cuda:N'\."),
     Bad("eval_weights=best", _new(eval_weights="best"), ValueError,
         r"`eval_weights` must be 'global' or 'local', got 'best'\."),
     Bad("compression=int3", _new(compression="int3"), ValueError,
         r"`compression` must be one of none, bf16, fp16, int8, int4, e3m0, sparse; got 'int3'\."),
+    Bad("sparse-without-error_feedback", _new(compression="sparse"), UserWarning,
+        r"`compression='sparse'` sends the top 1\.56% of every pseudo-gradient; without `error_feedback=True` the rest"
+        r" is lost at every outer step\."),
     Bad("error_feedback-without-compression", _new(error_feedback=True), ValueError,
         r"`error_feedback=True` needs a lossy `compression` \(for example 'int8'\); 'none' loses nothing\."),
     Bad("num_fragments=0", _new(num_fragments=0), ValueError, r"`num_fragments` must be an integer >= 1, got 0\."),
@@ -417,6 +423,9 @@ BAD_INPUT = [
         lambda t, c: _fit(DiLoCoStrategy(inner_steps=2, outer_optimizer=lambda params: list(params))), TypeError,
         r"`outer_optimizer` must return a `torch\.optim\.Optimizer`, got list\. Pass a callable such as"
         r" `functools\.partial\(torch\.optim\.SGD, lr=0\.7, momentum=0\.9, nesterov=True\)`\."),
+    Bad("outer_lr_scheduler-returns-no-scheduler",
+        lambda t, c: _fit(DiLoCoStrategy(inner_steps=2, outer_lr_scheduler=lambda optimizer: None)), TypeError,
+        r"`outer_lr_scheduler` must return a `torch\.optim\.lr_scheduler\.LRScheduler`, got NoneType\."),
     # --- checkpoints
     Bad("checkpoint-of-another-model", lambda t, c: _fit(DiLoCoStrategy(inner_steps=2), Wider(), c.get("diloco")),
         ValueError, r"(?s)The checkpoint's `state_dict` does not fit this LightningModule \(it was written for a"

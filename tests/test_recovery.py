@@ -102,7 +102,8 @@ def test_sigkill_restarts_from_last_complete_checkpoint_bitwise(case: str, unint
 def _attempt(port: int, restart: int, prefix: bool, stagger: bool, worker_timeout: float = 60) -> list[str]:
     """One attempt of two ``recovery_store.py`` workers against the store at ``port``; what each printed.
 
-    With ``stagger``, rank 1 starts only once rank 0 has begun to join the process group.
+    With ``stagger``, rank 1 starts only once rank 0 has begun to join the process group, and 2 s later: long enough
+    for rank 0 to have read rank 1's key on a loaded machine before the new rank 1 could publish it.
     """
     def start(rank: int) -> launch.Process:
         env = launch.clean_env(
@@ -117,7 +118,7 @@ def _attempt(port: int, restart: int, prefix: bool, stagger: bool, worker_timeou
     if stagger:
         while "JOINING" not in first.stdout() and first.popen.poll() is None:
             time.sleep(0.05)
-        time.sleep(1.0)
+        time.sleep(2.0)
     procs = [first, start(1)]
     done = launch.finish(procs, timeout=60 + 2 * worker_timeout)
     return [d.stdout + ("\n(killed: not connected in time)" if d.returncode is None else "") for d in done]

@@ -62,6 +62,26 @@ def test_two_workers_equal_the_simulation(diloco_run):
             torch.testing.assert_close(record["final"][key], value, rtol=0, atol=1e-6, msg=key)
 
 
+def test_an_outer_lr_schedule_follows_the_reference_and_resumes_bitwise(tmp_path):
+    """``outer_lr_scheduler=ExponentialLR(gamma=0.5)``: the n-th outer step has lr 0.7 * 0.5^n, as the reference
+    computes it; a resume from a mid-round checkpoint goes on with the schedule where it was, bitwise."""
+    args = ("--inner-steps", str(H), "--outer-lr-decay", "0.5")
+    run_script("train_toy.py", "--out", str(tmp_path / "full"), "--ckpt-dir", str(tmp_path / "ckpt"), *args)
+    ranks = load_ranks(tmp_path / "full", K)
+    sim = _simulate(ranks, outer_lr=lambda n: 0.7 * 0.5**n)
+    constant = _simulate(ranks)
+    for rank, record in enumerate(ranks):
+        for key, value in sim.final.items():
+            torch.testing.assert_close(record["final"][key], value, rtol=0, atol=1e-6, msg=key)
+    assert not torch.allclose(constant.final["net.0.weight"], sim.final["net.0.weight"], atol=1e-4)
+    ckpt = tmp_path / "ckpt" / "epoch=0-step=8.ckpt"  # 3 steps into round 2, one outer step taken
+    assert read_checkpoint(ckpt)["diloco"]["outer"]["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.35)
+    run_script("train_toy.py", "--out", str(tmp_path / "resumed"), "--resume", str(ckpt), *args)
+    for rank, record in enumerate(load_ranks(tmp_path / "resumed", K)):
+        for key, value in ranks[rank]["final"].items():
+            assert torch.equal(record["final"][key], value), key
+
+
 def test_local_weights_differ_between_syncs_and_agree_after(diloco_run):
     _, ranks = diloco_run
     for b, step in enumerate(ranks[0]["steps"]):

@@ -34,7 +34,7 @@ The rules it follows, with ``t`` counting optimizer steps from 1:
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -109,7 +109,7 @@ def simulate(
     indices: list[list[list[int]]],
     init_seed: int,
     inner_steps: int,
-    outer_lr: float,
+    outer_lr: Union[float, Callable[[int], float]],
     outer_momentum: float,
     nesterov: bool = True,
     optimizer: str = "adamw",
@@ -134,7 +134,7 @@ def simulate(
         indices: the sample indices of every batch every worker trained on, in order.
         init_seed: the seed of the network every worker starts from (rank 0's).
         inner_steps: H.
-        outer_lr: outer learning rate.
+        outer_lr: outer learning rate, or a function of the number of outer steps already taken (a schedule).
         outer_momentum: outer momentum (Nesterov when ``nesterov``).
         nesterov: Nesterov or heavy-ball momentum.
         optimizer: the inner optimizer's kind (see ``toy.make_optimizer``).
@@ -209,6 +209,7 @@ def _simulate(
     global_buffers = [b.detach().clone() for b in buffers[0]]
     momentum: list[Optional[Tensor]] = [None] * n_params
     last_sync = [0] * num_fragments
+    landed: list[int] = []  # the outer steps taken (a scheduled outer_lr takes its value by their count)
     if start is not None:
         step = start.step
         global_params = [t.detach().clone().float() for t in start.params]
@@ -267,8 +268,10 @@ def _simulate(
     def land(sync: _InFlight, now: int, alpha: float) -> None:
         """The fragment's :func:`outer_step`, then every worker moves (or mixes) to the global weights."""
         if any(sync.healthy):
+            lr = outer_lr(len(landed)) if callable(outer_lr) else outer_lr  # a schedule: lr of the n-th outer step
+            landed.append(sync.started)
             for pos, j in enumerate(fragments[sync.fragment]):
-                global_params[j], momentum[j] = outer_step(global_params[j], sync.mean[pos], momentum[j], outer_lr,
+                global_params[j], momentum[j] = outer_step(global_params[j], sync.mean[pos], momentum[j], lr,
                                                            outer_momentum, nesterov)
         if sync.buffers is not None:
             for j, value in enumerate(sync.buffers):

@@ -1,6 +1,7 @@
 """Train the toy model under a strategy and save what every rank saw and held (run as a file: Lightning re-runs it)."""
 
 import argparse
+import functools
 import os
 import sys
 import warnings
@@ -26,6 +27,7 @@ def main() -> None:
     parser.add_argument("--inner-steps", type=int, default=3)
     parser.add_argument("--outer-lr", type=float, default=0.7)
     parser.add_argument("--outer-momentum", type=float, default=0.9)
+    parser.add_argument("--outer-lr-decay", type=float, default=None, help="ExponentialLR(gamma) on the outer lr")
     parser.add_argument("--optimizer", default="adamw")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--max-steps", type=int, default=-1)
@@ -56,6 +58,8 @@ def main() -> None:
             inner_steps=args.inner_steps,
             outer_lr=args.outer_lr,
             outer_momentum=args.outer_momentum,
+            outer_lr_scheduler=(functools.partial(torch.optim.lr_scheduler.ExponentialLR, gamma=args.outer_lr_decay)
+                                if args.outer_lr_decay is not None else None),
             compression=args.compression,
             error_feedback=args.error_feedback,
             num_fragments=args.fragments,
