@@ -23,6 +23,8 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from lightning_diloco.optimizers import MuonAdamW
+
 #: Named model sizes. ``60m``/``150m``/``400m`` are the three models of the DiLoCo paper (Douillard et al. 2023,
 #: Table 5: layers/hidden/heads 3/896/16, 12/896/16, 12/1536/12, 4x MLP, 32k vocabulary, 1024 context).
 #: ``tiny`` (about 0.9M parameters) trains in minutes on a laptop CPU.
@@ -273,6 +275,11 @@ class GPTLightningModule(LightningModule):
         decay_steps: Step at which the cosine decay ends. ``None`` uses ``Trainer(max_steps)``, or the estimated number
             of optimizer steps when ``max_steps`` is not set.
         min_lr_ratio: The learning rate decays to ``min_lr_ratio * lr``.
+        optimizer: ``"adamw"``, or ``"muon"``: Muon (``torch.optim.Muon``) on the weight matrices of the blocks and
+            AdamW on the rest (embeddings, norms, biases), as one optimizer
+            (:class:`~lightning_diloco.optimizers.MuonAdamW`); the warm-up and cosine schedule apply to both.
+        muon_lr: Peak learning rate of Muon (with ``optimizer="muon"``).
+        muon_momentum: Momentum of Muon (with ``optimizer="muon"``).
     """
 
     def __init__(
@@ -293,9 +300,14 @@ class GPTLightningModule(LightningModule):
         warmup_steps: int = 1000,
         decay_steps: Optional[int] = None,
         min_lr_ratio: float = 0.1,
+        optimizer: str = "adamw",
+        muon_lr: float = 0.02,
+        muon_momentum: float = 0.95,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if optimizer not in ("adamw", "muon"):
+            raise ValueError(f"`optimizer` must be 'adamw' or 'muon', got {optimizer!r}.")
         if lr <= 0:
             raise ValueError(f"`lr` must be positive, got {lr}.")
         if warmup_steps < 0:
@@ -402,9 +414,17 @@ class GPTLightningModule(LightningModule):
         )
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.AdamW(
-            self.parameter_groups(), lr=self.hparams.lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps
-        )
+        h = self.hparams
+        optimizer: torch.optim.Optimizer
+        if h.optimizer == "muon":
+            matrices, rest = self.parameter_groups()
+            optimizer = MuonAdamW(
+                matrices["params"], rest["params"],
+                muon={"lr": h.muon_lr, "momentum": h.muon_momentum, "weight_decay": h.weight_decay},
+                adamw={"lr": h.lr, "betas": tuple(h.betas), "eps": h.eps, "weight_decay": 0.0},
+            )
+        else:
+            optimizer = torch.optim.AdamW(self.parameter_groups(), lr=h.lr, betas=tuple(h.betas), eps=h.eps)
         schedule = WarmupCosineSchedule(self.hparams.warmup_steps, self.total_decay_steps(), self.hparams.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

@@ -302,6 +302,12 @@ class TwoOptimizers(ToyModule):
         return [torch.optim.SGD(self.net[0].parameters(), lr=0.1), torch.optim.SGD(self.net[3].parameters(), lr=0.1)]
 
 
+def _gpt_module(**kwargs: Any) -> Any:
+    from lightning_diloco.gpt import GPTLightningModule
+
+    return GPTLightningModule(**kwargs)
+
+
 def _lm(**kwargs: Any) -> Any:
     from lightning_diloco.data import LMDataModule
 
@@ -479,6 +485,9 @@ BAD_INPUT = [
         seq_len=100_000).setup("fit"), ValueError,
         r"seq_len=100000 is too large for the train split, which has only \d+ tokens \(one sample needs seq_len \+ 1 ="
         r" 100001\)\. Lower `seq_len` or read more data"),
+    # --- the GPT module
+    Bad("model-optimizer=sgd", lambda t, c: _gpt_module(optimizer="sgd"), ValueError,
+        r"`optimizer` must be 'adamw' or 'muon', got 'sgd'\."),
 ]
 
 
