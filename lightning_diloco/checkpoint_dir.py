@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from lightning_diloco.io import fsync_directory
 
-__all__ = ["META", "is_checkpoint_dir", "keys", "load", "read", "read_meta", "remove", "save"]
+__all__ = ["META", "is_checkpoint_dir", "keys", "load", "local_directory", "read", "read_meta", "save"]
 
 META = "meta.pt"
 _TEMPORARY_SUFFIX = ".tmp"
@@ -143,11 +143,6 @@ def _one_process_is_meant() -> Iterator[None]:
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def remove(path: StrPath) -> None:
-    """Delete a checkpoint directory."""
-    _remove_any(local_directory(path))
 
 
 def _move_into_place(temporary: Path, final: Path) -> None:

@@ -27,7 +27,6 @@ state. Error-feedback residuals are restored when the layout (workers, processes
 
 import io
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -172,6 +171,11 @@ def check_model(state: dict[str, Any], outer_names: list[str], buffers: list[str
 # -- resuming ----------------------------------------------------------------------------------------------------------
 
 
+def _source(key: str, kind: str, ref: Any) -> str:
+    """The checkpoint key of the global model's ``state_dict`` entry ``key`` (see :func:`_state_dict_layout`)."""
+    return {"param": f"outer/params/{ref}", "buffer": f"outer/buffers/{ref}"}.get(kind, f"state_dict/{key}")
+
+
 @torch.no_grad()
 def load_global_model(directory: str, state: dict[str, Any], module: Module) -> None:
     """Load the checkpoint's global model into ``module`` (whose parameters may be ``DTensor`` chunks); every rank
@@ -183,14 +187,9 @@ def load_global_model(directory: str, state: dict[str, Any], module: Module) -> 
     for key, (kind, ref, _) in state["state_dict"].items():
         if key not in current:
             continue
-        if kind == "param":
-            source = f"outer/params/{ref}"
-            like = params[ref]
-            dtype = master_dtype(like.dtype)
-        elif kind == "buffer":
-            source, like, dtype = f"outer/buffers/{ref}", current[key], master_dtype(current[key].dtype)
-        else:
-            source, like, dtype = f"state_dict/{key}", current[key], current[key].dtype
+        source = _source(key, kind, ref)
+        like = params[ref] if kind == "param" else current[key]
+        dtype = like.dtype if kind == "own" else master_dtype(like.dtype)
         if source not in targets:
             targets[source] = torch.empty_like(like, dtype=dtype)
         sources[key] = source
@@ -330,8 +329,7 @@ def read(path: Any) -> dict[str, Any]:
     model), ``optimizer_states`` (worker 0's), and ``"diloco"`` with every worker's whole local state under
     ``"workers"`` (``module``, ``optimizer_states``, ``error_feedback`` by process, ``speed``), the outer state under
     ``"outer"`` and the syncs in flight with their means. For inspection and tools; training never reads it whole."""
-    meta = torch.load(Path(checkpoint_dir.local_directory(path)) / checkpoint_dir.META, map_location="cpu",
-                      weights_only=False)
+    meta = _meta(path)
     values = checkpoint_dir.read(path)
     state = dict(meta[CHECKPOINT_KEY])
     outer = state["outer"]
@@ -352,8 +350,7 @@ def read(path: Any) -> dict[str, Any]:
         prefix = f"workers/{w}"
         extra = _unpack(values[f"{prefix}/extra"])
         module = {k[len(prefix) + 8:]: v for k, v in values.items() if k.startswith(f"{prefix}/module/")}
-        optimizers = [{"state": _merge(o["state"], values, f"{prefix}/optimizer/{i}/"), "param_groups": o["param_groups"]}
-                      for i, o in enumerate(extra["optimizers"])]
+        optimizers = _worker_optimizers(extra, values, w)
         feedback: dict[int, dict[int, dict[str, Any]]] = {}
         for key, value in values.items():
             if key.startswith(f"{prefix}/feedback/"):
@@ -371,8 +368,7 @@ def global_state_dict(state: dict[str, Any], values: dict[str, Any]) -> dict[str
     """The global model's ``state_dict`` (whole tensors, in the model's dtypes) from an entry and its tensors."""
     out = {}
     for key, (kind, ref, dtype) in state["state_dict"].items():
-        source = {"param": f"outer/params/{ref}", "buffer": f"outer/buffers/{ref}"}.get(kind, f"state_dict/{key}")
-        out[key] = values[source].to(getattr(torch, dtype))
+        out[key] = values[_source(key, kind, ref)].to(getattr(torch, dtype))
     return out
 
 
@@ -388,22 +384,27 @@ def consolidate(path: Any, out: Any) -> None:
             " `ModelCheckpoint` wrote during DiLoCo; a single-file checkpoint loads with `Model.load_from_checkpoint`"
             " as it is."
         )
-    meta = torch.load(Path(checkpoint_dir.local_directory(path)) / checkpoint_dir.META, map_location="cpu",
-                      weights_only=False)
-    state = meta[CHECKPOINT_KEY]
-    extra_key = "workers/0/"
-    values = checkpoint_dir.read(path, ("outer/params/", "outer/buffers/", "state_dict/", extra_key + "optimizer/",
-                                        extra_key + "extra"))
-    extra = _unpack(values[extra_key + "extra"])
-    optimizers = [{"state": _merge(o["state"], values, f"{extra_key}optimizer/{i}/"), "param_groups": o["param_groups"]}
-                  for i, o in enumerate(extra["optimizers"])]
+    meta = _meta(path)
+    values = checkpoint_dir.read(path, ("outer/params/", "outer/buffers/", "state_dict/", "workers/0/optimizer/",
+                                        "workers/0/extra"))
+    optimizers = _worker_optimizers(_unpack(values["workers/0/extra"]), values, 0)
     checkpoint = {**{k: v for k, v in meta.items() if k != CHECKPOINT_KEY},
-                  "state_dict": global_state_dict(state, values), "optimizer_states": optimizers}
-    with atomic_write(Path(out)) as file:
+                  "state_dict": global_state_dict(meta[CHECKPOINT_KEY], values), "optimizer_states": optimizers}
+    with atomic_write(out) as file:
         torch.save(checkpoint, file)
 
 
 # -- helpers -----------------------------------------------------------------------------------------------------------
+
+
+def _meta(path: Any) -> dict[str, Any]:
+    return checkpoint_dir.read_meta(path, lambda file: torch.load(file, map_location="cpu", weights_only=False))
+
+
+def _worker_optimizers(extra: dict[str, Any], values: dict[str, Any], worker: int) -> list[dict[str, Any]]:
+    """Worker ``worker``'s inner optimizer states, whole, from its ``extra`` entry and the loaded tensors."""
+    return [{"state": _merge(o["state"], values, f"workers/{worker}/optimizer/{i}/"), "param_groups": o["param_groups"]}
+            for i, o in enumerate(extra["optimizers"])]
 
 
 def _pack(obj: Any) -> bytes:

@@ -31,8 +31,16 @@ def ddp_keywords(**keywords: Any) -> dict[str, Any]:
     return {name: value for name, value in keywords.items() if value is not None}
 
 
-def unused_ddp_arguments(keywords: dict[str, Any], comm_hook: Optional[Callable]) -> str:
-    """What a run whose workers are one process each is told about DDP arguments it was given (``""`` if none)."""
+_ONE_PROCESS = (
+    "Each worker here is one process, with no DistributedDataParallel and no gradient communication between outer"
+    " steps, so they have no effect."
+)
+SHARDED = "Each worker here is sharded with FSDP2 instead of DistributedDataParallel, so they have no effect."
+
+
+def unused_ddp_arguments(keywords: dict[str, Any], comm_hook: Optional[Callable], why: str = _ONE_PROCESS) -> str:
+    """What a run without DistributedDataParallel inside its workers is told about DDP arguments it was given (``""``
+    if none); ``why`` says why they do nothing (workers of one process by default, or :data:`SHARDED`)."""
     given = ["ddp_comm_hook"] * (comm_hook is not None) + sorted(
         k for k, v in keywords.items() if k != "process_group" and _DEFAULTS.get(k, object()) != v
     )
@@ -40,8 +48,7 @@ def unused_ddp_arguments(keywords: dict[str, Any], comm_hook: Optional[Callable]
         return ""
     return (
         f"DiLoCoStrategy: {', '.join(given)} configure the DistributedDataParallel inside a worker of several"
-        " processes. Each worker here is one process, with no DistributedDataParallel and no gradient communication"
-        " between outer steps, so they have no effect."
+        f" processes. {why}"
     )
 
 

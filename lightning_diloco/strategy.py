@@ -41,7 +41,7 @@ from lightning_diloco.checkpoint_io import AtomicCheckpointIO
 from lightning_diloco.elastic import attempt_store
 from lightning_diloco.islands import IslandOptions, IslandWorkers, Quorum
 from lightning_diloco.config import DEFAULTS, DiLoCoConfig
-from lightning_diloco.ddp_arguments import check_ddp_arguments, ddp_keywords, unused_ddp_arguments
+from lightning_diloco.ddp_arguments import SHARDED, check_ddp_arguments, ddp_keywords, unused_ddp_arguments
 from lightning_diloco.outer import OuterOptimizerCallable, OuterSchedulerCallable, OuterState, float_buffers
 from lightning_diloco.rounds import Landed, Rounds, outer_step_metrics
 from lightning_diloco.sharding import ShardedWorkers, is_sharded, shard_module, worker_mesh
@@ -226,8 +226,8 @@ class DiLoCoStrategy(DDPStrategy):
         check_ddp_arguments(accelerator, model_averaging_period, ddp_comm_state)
         self.config = DiLoCoConfig(
             inner_steps=inner_steps, outer_lr=outer_lr, outer_momentum=outer_momentum, outer_nesterov=outer_nesterov,
-            outer_optimizer=outer_optimizer, outer_lr_scheduler=outer_lr_scheduler, outer_device=outer_device, sync_warmup_steps=sync_warmup_steps,
-            eval_weights=eval_weights, compression=compression, error_feedback=error_feedback,
+            outer_optimizer=outer_optimizer, outer_lr_scheduler=outer_lr_scheduler, outer_device=outer_device,
+            sync_warmup_steps=sync_warmup_steps, eval_weights=eval_weights, compression=compression, error_feedback=error_feedback,
             num_fragments=num_fragments, overlap_steps=overlap_steps, overlap_mixing=overlap_mixing,
             processes_per_worker=processes_per_worker, sharding=sharding, outer_backend=outer_backend,
             sync_timeout=sync_timeout,
@@ -487,6 +487,9 @@ class DiLoCoStrategy(DDPStrategy):
         self._sharded = True
         self.workers = ShardedWorkers(self.topology)
         self.workers.broadcast_([*self.model.parameters(), *self.model.buffers()])
+        message = unused_ddp_arguments(self._ddp_kwargs, self._ddp_comm_hook, SHARDED)
+        if message:
+            rank_zero_info(message)
 
     @override
     def on_train_start(self) -> None:

@@ -73,7 +73,12 @@ def test_a_nan_in_one_chunk_drops_the_whole_worker(tmp_path):
     """Rank 3's chunk of a weight becomes NaN in the last inner step of the first round (no forward sees it): worker 1
     (ranks 2 and 3, whose rank 2 is finite) is dropped from that outer step as a whole, and every process ends with
     the same finite global model."""
-    ranks = _run(tmp_path, "--inner-steps", str(H), "--nan-at", "3", "3")
+    proc = run_script(SCRIPT, "--out", str(tmp_path), "--devices", str(K * G), "--inner-steps", str(H), "--nan-at", "3",
+                      "3", "--find-unused-parameters", timeout=300)
+    ranks = load_ranks(tmp_path, K * G)
+    # (a DDP keyword is accepted, and said to do nothing: a sharded worker has no DistributedDataParallel)
+    assert "find_unused_parameters configure the DistributedDataParallel inside a worker of several processes. Each" \
+        " worker here is sharded with FSDP2" in proc.stdout + proc.stderr
     assert any("The pseudo-gradient of worker(s) [1] is not finite" in w for w in ranks[0]["warnings"])
     for key, value in ranks[0]["final"].items():
         assert torch.isfinite(value).all(), key

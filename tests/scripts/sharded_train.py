@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--ckpt", action="store_true", help="a checkpoint at every epoch end (every 6 steps)")
     parser.add_argument("--resume", default=None)
     parser.add_argument("--width", type=int, default=30)
+    parser.add_argument("--find-unused-parameters", action="store_true", help="a DDP keyword (no effect sharded)")
     parser.add_argument("--nan-at", type=int, nargs=2, default=None, metavar=("RANK", "STEP"))
     parser.add_argument("--save-only", action="store_true", help="measure rank 0's memory while saving, then stop")
     args = parser.parse_args()
@@ -117,7 +118,7 @@ def main() -> None:
     strategy = DiLoCoStrategy(
         inner_steps=args.inner_steps, processes_per_worker=args.processes_per_worker, sharding=args.sharding,
         num_fragments=args.fragments, compression=args.compression, error_feedback=args.error_feedback,
-        overlap_steps=args.overlap,
+        overlap_steps=args.overlap, find_unused_parameters=True if args.find_unused_parameters else None,
     )
     callbacks = []
     if args.ckpt:
