@@ -7,6 +7,8 @@ counters, the syncs in flight and the layout of the rest. Every rank writes the 
 - ``outer/params/<i>``, ``outer/buffers/<name>``, ``outer/optimizer/<i>/<key>``: the global weights (in their
   master dtype), the global buffers and the outer optimizer state, one copy for all workers;
 - ``pending/<n>/deltas/<i>``, ``pending/<n>/buffers/<name>``: the means of the syncs in flight;
+- with eager updates every worker holds its own global state, so these two lie under ``workers/<w>/`` (the syncs in
+  flight with the others' part of their means, see :mod:`lightning_diloco.eager`);
 - ``state_dict/<key>``: entries of the model's ``state_dict`` that have no global value (integer buffers);
 - ``workers/<w>/module/<key>``, ``workers/<w>/optimizer/<o>/<i>/<key>``, ``workers/<w>/extra``: worker ``w``'s local
   weights and buffers, inner optimizer state and census, written by its own processes;
@@ -51,6 +53,11 @@ def warmup_entry(warmup_taken: int, bytes_sent: dict[str, float]) -> dict[str, A
     return {"version": VERSION, "warmup_taken": warmup_taken, "bytes_sent": dict(bytes_sent)}
 
 
+def global_prefix(eager_rounds: int, worker: int) -> str:
+    """Where worker ``worker``'s global state lies: one copy for all workers, or its own with eager updates."""
+    return f"workers/{worker}/" if eager_rounds else ""
+
+
 def layout(num_workers: int, processes_per_worker: int, sharded: bool) -> dict[str, Any]:
     """How a run's workers are laid out (what error-feedback residuals depend on)."""
     return {"num_workers": num_workers, "processes_per_worker": processes_per_worker, "sharded": sharded}
@@ -84,6 +91,7 @@ def diloco_entry(
         "bytes_sent": dict(bytes_sent),
         "inner_steps": config.inner_steps,
         "num_fragments": config.num_fragments,
+        "eager_rounds": config.eager_rounds,
         **workers_layout,
         "step": rounds["step"],
         "last_sync": rounds["last_sync"],
@@ -100,22 +108,23 @@ def diloco_entry(
 def rank_tensors(
     outer: OuterState, rounds: dict[str, Any], module_state: dict[str, Any], optimizers: list[Optimizer],
     fragments: list[list[int]], fragments_feedback: list[Optional[dict[str, Any]]], census: Census, worker: int,
-    index_in_worker: int, own_entries: dict[str, Tensor],
+    index_in_worker: int, own_entries: dict[str, Tensor], prefix: str = "",
 ) -> dict[str, Any]:
-    """What this rank writes: the global state it holds and its worker's local state (see the module's list)."""
+    """What this rank writes: the global state it holds (under ``prefix``, see :func:`global_prefix`) and its
+    worker's local state (see the module's list)."""
     out: dict[str, Any] = {}
     for i, (g, p) in enumerate(zip(outer.params, outer.locals)):
-        out[f"outer/params/{i}"] = to_global(g.detach(), p)
+        out[f"{prefix}outer/params/{i}"] = to_global(g.detach(), p)
     for name, b in outer.buffers.items():
-        out[f"outer/buffers/{name}"] = b
+        out[f"{prefix}outer/buffers/{name}"] = b
     for i, values in outer.optimizer.state_dict()["state"].items():
         for key, value in _tensors(values).items():
-            out[f"outer/optimizer/{i}/{key}"] = _global_like(value, outer.params[i].shape, outer.locals[i])
+            out[f"{prefix}outer/optimizer/{i}/{key}"] = _global_like(value, outer.params[i].shape, outer.locals[i])
     for n, p in enumerate(rounds["pending"]):
         for j, d in zip(fragments[p["fragment"]], p["deltas"]):
-            out[f"pending/{n}/deltas/{j}"] = to_global(d, outer.locals[j])
+            out[f"{prefix}pending/{n}/deltas/{j}"] = to_global(d, outer.locals[j])
         for name, b in p["buffers"].items():
-            out[f"pending/{n}/buffers/{name}"] = b
+            out[f"{prefix}pending/{n}/buffers/{name}"] = b
     for key, value in own_entries.items():
         out[f"state_dict/{key}"] = value
     prefix = f"workers/{worker}"
@@ -157,6 +166,13 @@ def check_resumable(state: dict[str, Any], config: DiLoCoConfig) -> None:
             f"The checkpoint was written with `num_fragments={state['num_fragments']}` but this run has"
             f" `num_fragments={config.num_fragments}`. Resume with the same number of fragments."
         )
+    if state.get("eager_rounds", 0) != config.eager_rounds:
+        raise ValueError(
+            f"The checkpoint was written with `eager_rounds={state.get('eager_rounds', 0)}` but this run has"
+            f" `eager_rounds={config.eager_rounds}`: the syncs in flight and the global state are kept differently."
+            " Resume with the same `eager_rounds`, and change it after the run's end (which averages the workers'"
+            " global states)."
+        )
 
 
 def check_model(state: dict[str, Any], outer_names: list[str], buffers: list[str]) -> None:
@@ -171,15 +187,18 @@ def check_model(state: dict[str, Any], outer_names: list[str], buffers: list[str
 # -- resuming ----------------------------------------------------------------------------------------------------------
 
 
-def _source(key: str, kind: str, ref: Any) -> str:
-    """The checkpoint key of the global model's ``state_dict`` entry ``key`` (see :func:`_state_dict_layout`)."""
-    return {"param": f"outer/params/{ref}", "buffer": f"outer/buffers/{ref}"}.get(kind, f"state_dict/{key}")
+def _source(key: str, kind: str, ref: Any, prefix: str = "") -> str:
+    """The checkpoint key of the global model's ``state_dict`` entry ``key`` (see :func:`_state_dict_layout`), with
+    the global state under ``prefix``."""
+    return {"param": f"{prefix}outer/params/{ref}", "buffer": f"{prefix}outer/buffers/{ref}"}.get(
+        kind, f"state_dict/{key}")
 
 
 @torch.no_grad()
 def load_global_model(directory: str, state: dict[str, Any], module: Module) -> None:
-    """Load the checkpoint's global model into ``module`` (whose parameters may be ``DTensor`` chunks); every rank
-    calls this at the same point."""
+    """Load the checkpoint's global model into ``module`` (whose parameters may be ``DTensor`` chunks; worker 0's
+    global model with eager updates); every rank calls this at the same point."""
+    prefix = global_prefix(state.get("eager_rounds", 0), 0)
     params = list(module.parameters())
     current = module.state_dict()
     targets: dict[str, Any] = {}
@@ -187,7 +206,7 @@ def load_global_model(directory: str, state: dict[str, Any], module: Module) -> 
     for key, (kind, ref, _) in state["state_dict"].items():
         if key not in current:
             continue
-        source = _source(key, kind, ref)
+        source = _source(key, kind, ref, prefix)
         like = params[ref] if kind == "param" else current[key]
         dtype = like.dtype if kind == "own" else master_dtype(like.dtype)
         if source not in targets:
@@ -233,17 +252,25 @@ def restore(
     saved_keys = checkpoint_dir.keys(directory)
     me, count, saved = rounds.workers.index, rounds.workers.count, int(state["num_workers"])
     source = me % saved
+    eager = state.get("eager_rounds", 0)
+    if eager and saved != count:
+        raise ValueError(
+            f"The checkpoint was written by {saved} workers with eager updates (`eager_rounds={eager}`), where every"
+            f" worker holds its own global state; this run has {count}. Resume on {saved} workers, or let that run"
+            " end (its end averages the workers' global states) and start from its final checkpoint."
+        )
+    gp = global_prefix(eager, me)
     targets: dict[str, Any] = {}
     for i, (g, p) in enumerate(zip(outer.params, outer.locals)):
-        targets[f"outer/params/{i}"] = to_global(torch.empty_like(g), p)
+        targets[f"{gp}outer/params/{i}"] = to_global(torch.empty_like(g), p)
     for name, b in outer.buffers.items():
-        targets[f"outer/buffers/{name}"] = torch.empty_like(b)
-    _add_targets(targets, saved_keys, "outer/optimizer/", lambda i: (outer.params[i], outer.locals[i]))
+        targets[f"{gp}outer/buffers/{name}"] = torch.empty_like(b)
+    _add_targets(targets, saved_keys, f"{gp}outer/optimizer/", lambda i: (outer.params[i], outer.locals[i]))
     for n, p in enumerate(state["pending"]):
         for j in rounds.fragments[p["fragment"]].params:
-            targets[f"pending/{n}/deltas/{j}"] = to_global(torch.empty_like(outer.params[j]), outer.locals[j])
+            targets[f"{gp}pending/{n}/deltas/{j}"] = to_global(torch.empty_like(outer.params[j]), outer.locals[j])
         for name in p["buffers"]:
-            targets[f"pending/{n}/buffers/{name}"] = torch.empty_like(outer.buffers[name])
+            targets[f"{gp}pending/{n}/buffers/{name}"] = torch.empty_like(outer.buffers[name])
     for o, optimizer in enumerate(optimizers):
         params = _flat_params(optimizer)
         _add_targets(targets, saved_keys, f"workers/{source}/optimizer/{o}/", lambda i: (local(params[i]), params[i]))
@@ -260,9 +287,9 @@ def restore(
 
     outer.load_state_dict({
         "names": state["outer"]["names"],
-        "params": [local(loaded[f"outer/params/{i}"]) for i in range(len(outer.params))],
-        "buffers": {name: loaded[f"outer/buffers/{name}"] for name in outer.buffers},
-        "optimizer": {"state": _merge(state["outer"]["state"], loaded, "outer/optimizer/", local_values=True),
+        "params": [local(loaded[f"{gp}outer/params/{i}"]) for i in range(len(outer.params))],
+        "buffers": {name: loaded[f"{gp}outer/buffers/{name}"] for name in outer.buffers},
+        "optimizer": {"state": _merge(state["outer"]["state"], loaded, f"{gp}outer/optimizer/", local_values=True),
                       "param_groups": state["outer"]["param_groups"]},
         "scheduler": state["outer"].get("scheduler"),
         "outer_step": state["outer"]["outer_step"],
@@ -270,8 +297,9 @@ def restore(
     rounds.load_state_dict({
         "step": state["step"], "last_sync": state["last_sync"],
         "pending": [{**p,
-                     "deltas": [local(loaded[f"pending/{n}/deltas/{j}"]) for j in rounds.fragments[p["fragment"]].params],
-                     "buffers": {name: loaded[f"pending/{n}/buffers/{name}"] for name in p["buffers"]}}
+                     "deltas": [local(loaded[f"{gp}pending/{n}/deltas/{j}"])
+                                for j in rounds.fragments[p["fragment"]].params],
+                     "buffers": {name: loaded[f"{gp}pending/{n}/buffers/{name}"] for name in p["buffers"]}}
                     for n, p in enumerate(state["pending"])],
     })
     extra = _unpack(loaded[f"workers/{source}/extra"])
@@ -332,17 +360,18 @@ def read(path: Any) -> dict[str, Any]:
     meta = _meta(path)
     values = checkpoint_dir.read(path)
     state = dict(meta[CHECKPOINT_KEY])
+    gp = global_prefix(state.get("eager_rounds", 0), 0)
     outer = state["outer"]
-    optimizer_state = _merge(outer["state"], values, "outer/optimizer/")
+    optimizer_state = _merge(outer["state"], values, f"{gp}outer/optimizer/")
     state["outer"] = {
-        "names": outer["names"], "params": [values[f"outer/params/{i}"] for i in range(len(outer["names"]))],
-        "buffers": {n: values[f"outer/buffers/{n}"] for n in outer["buffers"]},
+        "names": outer["names"], "params": [values[f"{gp}outer/params/{i}"] for i in range(len(outer["names"]))],
+        "buffers": {n: values[f"{gp}outer/buffers/{n}"] for n in outer["buffers"]},
         "optimizer": {"state": optimizer_state, "param_groups": outer["param_groups"]},
         "outer_step": outer["outer_step"],
     }
     state["pending"] = [
-        {**p, "deltas": [v for k, v in _sorted_items(values, f"pending/{n}/deltas/")],
-         "buffers": {name: values[f"pending/{n}/buffers/{name}"] for name in p["buffers"]}}
+        {**p, "deltas": [v for k, v in _sorted_items(values, f"{gp}pending/{n}/deltas/")],
+         "buffers": {name: values[f"{gp}pending/{n}/buffers/{name}"] for name in p["buffers"]}}
         for n, p in enumerate(state["pending"])
     ]
     workers = []
@@ -365,10 +394,12 @@ def read(path: Any) -> dict[str, Any]:
 
 
 def global_state_dict(state: dict[str, Any], values: dict[str, Any]) -> dict[str, Tensor]:
-    """The global model's ``state_dict`` (whole tensors, in the model's dtypes) from an entry and its tensors."""
+    """The global model's ``state_dict`` (whole tensors, in the model's dtypes) from an entry and its tensors (worker
+    0's global model with eager updates)."""
+    prefix = global_prefix(state.get("eager_rounds", 0), 0)
     out = {}
     for key, (kind, ref, dtype) in state["state_dict"].items():
-        out[key] = values[_source(key, kind, ref)].to(getattr(torch, dtype))
+        out[key] = values[_source(key, kind, ref, prefix)].to(getattr(torch, dtype))
     return out
 
 
@@ -385,8 +416,9 @@ def consolidate(path: Any, out: Any) -> None:
             " as it is."
         )
     meta = _meta(path)
-    values = checkpoint_dir.read(path, ("outer/params/", "outer/buffers/", "state_dict/", "workers/0/optimizer/",
-                                        "workers/0/extra"))
+    gp = global_prefix(meta[CHECKPOINT_KEY].get("eager_rounds", 0), 0)
+    values = checkpoint_dir.read(path, (f"{gp}outer/params/", f"{gp}outer/buffers/", "state_dict/",
+                                        "workers/0/optimizer/", "workers/0/extra"))
     optimizers = _worker_optimizers(_unpack(values["workers/0/extra"]), values, 0)
     checkpoint = {**{k: v for k, v in meta.items() if k != CHECKPOINT_KEY},
                   "state_dict": global_state_dict(meta[CHECKPOINT_KEY], values), "optimizer_states": optimizers}

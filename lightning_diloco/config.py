@@ -35,6 +35,7 @@ class DiLoCoConfig:
     num_fragments: int = 1
     overlap_steps: int = 0
     overlap_mixing: float = 0.5
+    eager_rounds: int = 0
     processes_per_worker: int = 1
     sharding: Literal["none", "fsdp"] = "none"
     outer_backend: Optional[str] = None
@@ -68,8 +69,9 @@ class DiLoCoConfig:
 
     @property
     def overlapped(self) -> bool:
-        """Whether syncs communicate in the background while inner steps go on (``overlap_steps > 0``)."""
-        return self.overlap_steps > 0
+        """Whether syncs communicate in the background while inner steps go on (``overlap_steps > 0`` or eager
+        updates)."""
+        return self.overlap_steps > 0 or self.eager_rounds > 0
 
     def build_outer_optimizer(self) -> OuterOptimizerCallable:
         """The callable that builds the outer optimizer from the global parameters."""
@@ -139,6 +141,7 @@ def _check_sync(config: DiLoCoConfig) -> None:  # noqa: C901 (one check per opti
             f"`overlap_steps` must be an integer in [0, inner_steps) = [0, {inner}), got {overlap!r}: a sync"
             " must land before the same fragment syncs again."
         )
+    _check_eager(config)
     if config.num_fragments > inner:
         raise ValueError(
             f"`num_fragments={config.num_fragments}` is more than `inner_steps={inner}`: fragments would share"
@@ -158,13 +161,28 @@ def _check_sync(config: DiLoCoConfig) -> None:  # noqa: C901 (one check per opti
         raise ValueError(f"`nonfinite` must be 'skip' or 'raise', got {config.nonfinite!r}.")
     if config.outer_backend not in (None, "gloo", "nccl", "mpi"):
         raise ValueError(f"`outer_backend` must be 'gloo', 'nccl' or None, got {config.outer_backend!r}.")
-    if config.speed_weighted and (config.num_fragments > 1 or overlap > 0):
+    if config.speed_weighted and (config.num_fragments > 1 or config.overlapped):
         raise ValueError(
-            "`speed_weighted=True` works with whole-model, blocking outer steps. Use `num_fragments=1` and"
-            " `overlap_steps=0` with it."
+            "`speed_weighted=True` works with whole-model, blocking outer steps. Use `num_fragments=1`,"
+            " `overlap_steps=0` and `eager_rounds=0` with it."
         )
     if not config.outer_bucket_cap_mb > 0:
         raise ValueError(f"`outer_bucket_cap_mb` must be positive, got {config.outer_bucket_cap_mb}.")
+
+
+def _check_eager(config: DiLoCoConfig) -> None:
+    eager = config.eager_rounds
+    if not _is_int(eager, 0):
+        raise ValueError(
+            f"`eager_rounds` must be an integer >= 0 (the rounds a sync may take, hidden behind training), got"
+            f" {eager!r}. 0 turns eager updates off; 1 is the paper's one-round delay."
+        )
+    if eager and config.overlap_steps:
+        raise ValueError(
+            f"`eager_rounds={eager}` and `overlap_steps={config.overlap_steps}` are two ways of overlapping a sync:"
+            " eager updates hide whole rounds (own pseudo-gradient at once, the others' later), `overlap_steps`"
+            " part of one (mixing). Set one of them to 0."
+        )
 
 
 def _check_islands(config: DiLoCoConfig) -> None:
@@ -186,6 +204,7 @@ def _check_islands(config: DiLoCoConfig) -> None:
         raise ValueError(f"`quorum_timeout` must be a positive number of seconds, got {config.quorum_timeout!r}.")
     unsupported = {
         "compression": config.compression != "none", "overlap_steps": config.overlap_steps > 0,
+        "eager_rounds": config.eager_rounds > 0,
         "speed_weighted": config.speed_weighted, "sync_warmup_steps": config.sync_warmup_steps > 0,
         "processes_per_worker": config.processes_per_worker != 1, "outer_backend": config.outer_backend == "nccl",
         "sharding": config.sharding != "none",

@@ -75,6 +75,9 @@ class Sync:
     exchange_seconds: float = 0.0
     healthy: Optional[int] = None  # workers whose pseudo-gradients made the mean (from the shares if None)
     healed: bool = False  # this worker took a peer's state in this outer step, and contributed nothing
+    own: Optional[list[Tensor]] = None  # eager updates: the part of `deltas` this worker applied already
+    blocked_seconds: float = 0.0  # how long the training loop waited for it
+    norm_squared: Optional[float] = None  # of the mean, where `deltas` no longer holds it (eager updates)
 
     @property
     def overlapped(self) -> bool:
@@ -426,7 +429,9 @@ class Rounds:
 def outer_step_metrics(landed: Landed, sum_in_worker: Callable[[float], float] = float) -> dict[str, float]:
     """The metrics of one landed sync (see the README's list); ``sum_in_worker`` adds up a sharded worker's parts."""
     sync, stats = landed.sync, landed.sync.stats
-    squared = sum_in_worker(sum(float(d.double().square().sum()) for d in sync.deltas))
+    squared = sync.norm_squared
+    if squared is None:
+        squared = sum_in_worker(sum(float(d.double().square().sum()) for d in sync.deltas))
     return {
         "diloco/outer_step": float(landed.outer_step),
         "diloco/fragment": float(sync.fragment.index),

@@ -43,6 +43,7 @@ from lightning_diloco.islands import IslandOptions, IslandWorkers, Quorum
 from lightning_diloco.config import DEFAULTS, DiLoCoConfig
 from lightning_diloco.ddp_arguments import SHARDED, check_ddp_arguments, ddp_keywords, unused_ddp_arguments
 from lightning_diloco.outer import OuterOptimizerCallable, OuterSchedulerCallable, OuterState, float_buffers
+from lightning_diloco.eager import EagerRounds
 from lightning_diloco.rounds import Landed, Rounds, outer_step_metrics
 from lightning_diloco.sharding import ShardedWorkers, is_sharded, shard_module, worker_mesh
 from lightning_diloco.topology import Topology, build_topology, check_processes_per_worker
@@ -114,6 +115,11 @@ class DiLoCoStrategy(DDPStrategy):
             outer update is applied. 0 waits for it at once.
         overlap_mixing: alpha; with ``overlap_steps > 0`` a worker keeps this share of its local weights when the
             outer update lands: ``local = alpha * local + (1 - alpha) * global``.
+        eager_rounds: d; eager updates (Kale et al. 2025): a sync's communication may take d whole rounds of its
+            fragment. At each outer step a worker applies its own fresh pseudo-gradient (divided by the number of
+            workers) at once, and the others' part of a sync d rounds after it started, so the training loop does not
+            wait for a link slower than a round. Each worker then holds its own global weights and outer momentum
+            (they differ by the latest own contributions); the end of ``fit`` averages them. 0 (the default) is off.
         processes_per_worker: G; each DiLoCo worker is G processes that train one replica together (DDP inside the
             worker, every step); only the workers' outer syncs cross between them. Must divide the world size.
         sharding: how a worker of several processes holds its replica: ``"none"`` (every process holds all of it, with
@@ -205,6 +211,7 @@ class DiLoCoStrategy(DDPStrategy):
         num_fragments: int = DEFAULTS.num_fragments,
         overlap_steps: int = DEFAULTS.overlap_steps,
         overlap_mixing: float = DEFAULTS.overlap_mixing,
+        eager_rounds: int = DEFAULTS.eager_rounds,
         processes_per_worker: int = DEFAULTS.processes_per_worker,
         sharding: Literal["none", "fsdp"] = DEFAULTS.sharding,
         outer_backend: Optional[str] = None,
@@ -229,6 +236,7 @@ class DiLoCoStrategy(DDPStrategy):
             outer_optimizer=outer_optimizer, outer_lr_scheduler=outer_lr_scheduler, outer_device=outer_device,
             sync_warmup_steps=sync_warmup_steps, eval_weights=eval_weights, compression=compression, error_feedback=error_feedback,
             num_fragments=num_fragments, overlap_steps=overlap_steps, overlap_mixing=overlap_mixing,
+            eager_rounds=eager_rounds,
             processes_per_worker=processes_per_worker, sharding=sharding, outer_backend=outer_backend,
             sync_timeout=sync_timeout,
             nonfinite=nonfinite, speed_weighted=speed_weighted, outer_bucket_cap_mb=outer_bucket_cap_mb,
@@ -444,7 +452,7 @@ class DiLoCoStrategy(DDPStrategy):
         c = self.config
         outer = OuterState(module, c.build_outer_optimizer(), self._outer_device(), c.outer_lr_scheduler)
         self.census = Census(c.inner_steps, c.speed_weighted, c.nonfinite, rank_zero_warn)
-        self.rounds = Rounds(
+        self.rounds = (EagerRounds if c.eager_rounds else Rounds)(
             c, module, outer, self.workers, self.census, self._communication_device(outer), self._executor,
             self._report, self._restart_inner, rank_zero_warn, rank_zero_info,
         )
@@ -730,6 +738,7 @@ class DiLoCoStrategy(DDPStrategy):
             rounds.outer, rounds_state, state, self.optimizers, [f.params for f in rounds.fragments],
             [f.feedback.state_dict() if f.feedback is not None else None for f in rounds.fragments], self.census,
             self.workers.index, self.topology.index_in_worker, checkpointing.own_entries(state, entry),
+            checkpointing.global_prefix(self.config.eager_rounds, self.workers.index),
         )
         meta = None
         if self.is_global_zero:

@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--fragments", type=int, default=1)
     parser.add_argument("--overlap", type=int, default=0)
     parser.add_argument("--mixing", type=float, default=0.5)
+    parser.add_argument("--eager", type=int, default=0, help="eager_rounds")
     parser.add_argument("--processes-per-worker", type=int, default=1)
     parser.add_argument("--nonfinite", default="skip")
     parser.add_argument("--speed-weighted", action="store_true")
@@ -65,6 +66,7 @@ def main() -> None:
             num_fragments=args.fragments,
             overlap_steps=args.overlap,
             overlap_mixing=args.mixing,
+            eager_rounds=args.eager,
             processes_per_worker=args.processes_per_worker,
             nonfinite=args.nonfinite,
             speed_weighted=args.speed_weighted,
