@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: The benchmark worker, run as ``python -m`` (see :mod:`benchmarks._train_gpt`).
 WORKER = f"{__package__}._train_gpt"
 #: Wire bits per element without scales, the numbers the paper-style formula uses.
-NOMINAL_BITS = {"none": 32, "fp32": 32, "bf16": 16, "fp16": 16, "int8": 8, "int4": 4, "e3m0": 4, "sparse": 64 * 14 / 4096}
+NOMINAL_BITS = {"none": 32, "fp32": 32, "bf16": 16, "fp16": 16, "int8": 8, "int4": 4, "int2": 2, "e3m0": 4, "sparse": 64 * 14 / 4096}
 
 
 def free_port() -> int:

@@ -16,6 +16,7 @@ name      encoding                                                              
 ``int8``  ``round(x / s)`` in ``[-127, 127]``, ``s = absmax / 127`` per block   ``absmax / 254``
 ``int4``  ``round(x / s)`` in ``[-7, 7]``, ``s = absmax / 7`` per block         ``absmax / 14``
 ``e3m0``  sign + 3-bit exponent: ``x ≈ ±absmax 2^-k``, ``k in 0..6``, or ``0``  ``max(|x| / 3, absmax / 128)``
+``int2``  ``round(x / absmax)`` in ``{-1, 0, 1}`` in 2 bits, per block             ``absmax / 2``
 ``sparse`` top 64 of every 4096 by magnitude, 2-bit values, 12-bit positions     ``absmax / 3`` kept, ``|x|`` dropped
 ========  ====================================================================  ==================================
 
@@ -357,6 +358,29 @@ class Int4Compressor(_SymmetricIntCompressor):
         return _unpack_nibbles(packed, numel).to(torch.int8) - 8
 
 
+class Int2Compressor(_SymmetricIntCompressor):
+    """Ternary codes ``{-1, 0, 1}`` in 2 bits, four per byte, with an fp32 absmax scale per block: a dense 2-bit
+    format (for Muon's pseudo-gradients with error feedback, as in MuLoCo).
+
+    A code ``c`` travels as ``c + 1``. Error bound: ``|x - x_hat| <= absmax / 2``; pair it with
+    :class:`ErrorFeedback`, which carries what was rounded away into the next sync.
+
+    Args:
+        block_size: Elements per scale.
+    """
+
+    name = "int2"
+    code_bits = 2
+    max_code = 1
+
+    def _pack(self, codes: Tensor) -> Tensor:
+        values = codes.to(torch.int16) + 1
+        return _pack_2bit(torch.nn.functional.pad(values, (0, -values.numel() % 4)))
+
+    def _unpack(self, packed: Tensor, numel: int) -> Tensor:
+        return _unpack_2bit(packed, numel).to(torch.int8) - 1
+
+
 class E3M0Compressor(_BlockCompressor):
     """4-bit sign + 3-bit exponent, no mantissa (the E3M0 format of Streaming DiLoCo), fp32 absmax scale per block.
 
@@ -560,8 +584,8 @@ def _unpack_2bit(packed: Tensor, numel: int) -> Tensor:
 
 _COMPRESSORS: dict[str, type[Compressor]] = {
     cls.name: cls
-    for cls in (NoCompression, BF16Compressor, FP16Compressor, Int8Compressor, Int4Compressor, E3M0Compressor,
-                SparseCompressor)
+    for cls in (NoCompression, BF16Compressor, FP16Compressor, Int8Compressor, Int4Compressor, Int2Compressor,
+                E3M0Compressor, SparseCompressor)
 }
 
 #: Names accepted by :func:`get_compressor`.

@@ -14,6 +14,7 @@ from typing import Literal, Optional, Union
 import torch
 
 from lightning_diloco.compression import COMPRESSOR_NAMES
+from lightning_diloco.schedules import OuterMomentumSchedule
 from lightning_diloco.outer import OuterOptimizerCallable, OuterSchedulerCallable, default_outer_optimizer
 
 
@@ -27,6 +28,7 @@ class DiLoCoConfig:
     outer_nesterov: bool = True
     outer_optimizer: Optional[OuterOptimizerCallable] = None
     outer_lr_scheduler: Optional[OuterSchedulerCallable] = None
+    outer_momentum_schedule: Optional[OuterMomentumSchedule] = None
     outer_device: Optional[Union[str, torch.device]] = None
     sync_warmup_steps: int = 0
     eval_weights: Literal["global", "local"] = "global"
@@ -108,6 +110,12 @@ def _check_outer_optimizer(config: DiLoCoConfig) -> None:
             f"`outer_lr_scheduler` must be a callable that takes the outer optimizer and returns a learning-rate"
             f" scheduler, got {type(config.outer_lr_scheduler).__name__}. Pass for example"
             " `functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=100)`."
+        )
+    if config.outer_momentum_schedule is not None and not callable(config.outer_momentum_schedule):
+        raise TypeError(
+            f"`outer_momentum_schedule` must be a callable that takes the number of outer steps taken and returns the"
+            f" outer momentum, got {type(config.outer_momentum_schedule).__name__}. Pass for example"
+            " `lightning_diloco.schedules.MomentumWarmupDecay(warmup_steps=10)`."
         )
     if config.outer_optimizer is None:
         return

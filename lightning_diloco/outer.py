@@ -73,14 +73,17 @@ class OuterState:
         device: where the global copy and the outer optimizer state live (for example ``cpu`` to keep them out of
             accelerator memory).
         scheduler: builds a learning-rate scheduler of the outer optimizer, stepped after every outer step.
+        momentum: the outer momentum of each outer step, from the number of outer steps taken
+            (:mod:`lightning_diloco.schedules`).
 
     """
 
     def __init__(
         self, module: Module, optimizer: OuterOptimizerCallable, device: Union[str, torch.device],
-        scheduler: Optional[OuterSchedulerCallable] = None,
+        scheduler: Optional[OuterSchedulerCallable] = None, momentum: Optional[Callable[[int], float]] = None,
     ) -> None:
         self.device = torch.device(device)
+        self.momentum = momentum
         self._build_optimizer = optimizer
         self._build_scheduler = scheduler
         self.scheduler: Optional[LRScheduler] = None
@@ -184,11 +187,31 @@ class OuterState:
         indices = range(len(self.params)) if indices is None else indices
         for i, delta in zip(indices, mean_pseudo_gradients):
             self.params[i].grad = delta.to(self.device, self.params[i].dtype)
+        momentum = None if self.momentum is None else self._set_momentum(float(self.momentum(self.outer_step)))
         self.optimizer.step()
+        if momentum == 0.0:  # SGD skips its buffer at momentum 0; by its formula the buffer is then the gradient
+            for i in indices:
+                self.optimizer.state[self.params[i]]["momentum_buffer"] = self.params[i].grad.clone()
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
         self.outer_step += 1
+
+    def _set_momentum(self, momentum: float) -> float:
+        if not 0 <= momentum < 1:
+            raise ValueError(
+                f"`outer_momentum_schedule` gave momentum {momentum!r} for outer step {self.outer_step}; a momentum"
+                " must be in [0, 1)."
+            )
+        for group in self.optimizer.param_groups:
+            if "momentum" not in group:
+                raise ValueError(
+                    f"`outer_momentum_schedule` sets the outer optimizer's `momentum`, which"
+                    f" {type(self.optimizer).__name__} does not have. Use SGD (the default outer optimizer) with it,"
+                    " or leave `outer_momentum_schedule=None`."
+                )
+            group["momentum"] = momentum
+        return momentum
 
     @torch.no_grad()
     def set_buffers(self, mean_buffers: dict[str, Tensor]) -> None:

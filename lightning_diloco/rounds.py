@@ -392,11 +392,14 @@ class Rounds:
         if self.warned_short_overlap or blocked < max(_SHORT_OVERLAP_SECONDS, 0.25 * window):
             return
         self.warned_short_overlap = True
+        c = self.config
+        knob = f"eager_rounds={c.eager_rounds}" if c.eager_rounds else f"overlap_steps={c.overlap_steps}"
+        steps = c.eager_rounds * c.inner_steps if c.eager_rounds else c.overlap_steps
         self._warn(
             f"The outer sync of fragment {sync.fragment.index} started at step {sync.started} was not done after"
-            f" `overlap_steps={self.config.overlap_steps}` inner steps ({window:.3g} s): the training loop waited"
-            f" {blocked:.2f} s for it. Raise `overlap_steps` until a sync's communication fits in it, or send fewer"
-            " bytes (`compression`, `num_fragments`). `diloco/blocked_seconds` logs the wait at every outer step."
+            f" `{knob}` ({steps} inner steps, {window:.3g} s): the training loop waited {blocked:.2f} s for it. Raise"
+            f" `{knob.split('=')[0]}` until a sync's communication fits in it, or send fewer bytes (`compression`,"
+            " `num_fragments`). `diloco/blocked_seconds` logs the wait at every outer step."
         )
 
     # -- checkpoints ------------------------------------------------------------------------------------------------

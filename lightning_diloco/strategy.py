@@ -45,6 +45,7 @@ from lightning_diloco.ddp_arguments import SHARDED, check_ddp_arguments, ddp_key
 from lightning_diloco.outer import OuterOptimizerCallable, OuterSchedulerCallable, OuterState, float_buffers
 from lightning_diloco.eager import EagerRounds
 from lightning_diloco.rounds import Landed, Rounds, outer_step_metrics
+from lightning_diloco.schedules import OuterMomentumSchedule
 from lightning_diloco.sharding import ShardedWorkers, is_sharded, shard_module, worker_mesh
 from lightning_diloco.topology import Topology, build_topology, check_processes_per_worker
 from lightning_diloco.workers import ProcessGroupWorkers, Workers
@@ -106,8 +107,9 @@ class DiLoCoStrategy(DDPStrategy):
             starts DiLoCo from a model trained synchronously; 0 (the default) starts DiLoCo at once.
         eval_weights: which weights validation sees during ``fit``: ``"global"`` (the global weights) or ``"local"``
             (each worker's replica). The local weights are restored afterwards.
-        compression: how pseudo-gradients travel: ``"none"`` (fp32), ``"bf16"``, ``"fp16"``, ``"int8"``, ``"int4"`` or
-            ``"e3m0"`` (4-bit); the sum is always accumulated in fp32.
+        compression: how pseudo-gradients travel: ``"none"`` (fp32), ``"bf16"``, ``"fp16"``, ``"int8"``, ``"int4"``,
+            ``"e3m0"`` (4-bit), ``"int2"`` (ternary codes in 2 bits) or ``"sparse"`` (SparseLoCo's top-k); the sum is
+            always accumulated in fp32.
         error_feedback: carry what compression dropped into the next outer step.
         num_fragments: F; the parameters are cut into F bands of layers that sync at staggered steps (Streaming
             DiLoCo), each every ``inner_steps``, so that one sync moves about 1/F of the model.
@@ -203,6 +205,7 @@ class DiLoCoStrategy(DDPStrategy):
         outer_nesterov: bool = DEFAULTS.outer_nesterov,
         outer_optimizer: Optional[OuterOptimizerCallable] = None,
         outer_lr_scheduler: Optional[OuterSchedulerCallable] = None,
+        outer_momentum_schedule: Optional[OuterMomentumSchedule] = None,
         outer_device: Optional[Union[str, torch.device]] = None,
         sync_warmup_steps: int = DEFAULTS.sync_warmup_steps,
         eval_weights: Literal["global", "local"] = DEFAULTS.eval_weights,
@@ -233,7 +236,8 @@ class DiLoCoStrategy(DDPStrategy):
         check_ddp_arguments(accelerator, model_averaging_period, ddp_comm_state)
         self.config = DiLoCoConfig(
             inner_steps=inner_steps, outer_lr=outer_lr, outer_momentum=outer_momentum, outer_nesterov=outer_nesterov,
-            outer_optimizer=outer_optimizer, outer_lr_scheduler=outer_lr_scheduler, outer_device=outer_device,
+            outer_optimizer=outer_optimizer, outer_lr_scheduler=outer_lr_scheduler,
+            outer_momentum_schedule=outer_momentum_schedule, outer_device=outer_device,
             sync_warmup_steps=sync_warmup_steps, eval_weights=eval_weights, compression=compression, error_feedback=error_feedback,
             num_fragments=num_fragments, overlap_steps=overlap_steps, overlap_mixing=overlap_mixing,
             eager_rounds=eager_rounds,
@@ -450,7 +454,8 @@ class DiLoCoStrategy(DDPStrategy):
         module = self.lightning_module
         assert module is not None and self.workers is not None
         c = self.config
-        outer = OuterState(module, c.build_outer_optimizer(), self._outer_device(), c.outer_lr_scheduler)
+        outer = OuterState(module, c.build_outer_optimizer(), self._outer_device(), c.outer_lr_scheduler,
+                           c.outer_momentum_schedule)
         self.census = Census(c.inner_steps, c.speed_weighted, c.nonfinite, rank_zero_warn)
         self.rounds = (EagerRounds if c.eager_rounds else Rounds)(
             c, module, outer, self.workers, self.census, self._communication_device(outer), self._executor,
@@ -611,7 +616,10 @@ class DiLoCoStrategy(DDPStrategy):
         metrics["diloco/bytes_sent_total"] = self.bytes_sent["outer"] + self.bytes_sent["warmup"]
         metrics["diloco/own_seconds_per_step"] = self.timings.own_seconds / max(self.timings.steps, 1)
         assert self.rounds is not None
-        metrics["diloco/outer_lr"] = float(self.rounds.outer.optimizer.param_groups[0]["lr"])
+        group = self.rounds.outer.optimizer.param_groups[0]
+        metrics["diloco/outer_lr"] = float(group["lr"])
+        if "momentum" in group:
+            metrics["diloco/outer_momentum"] = float(group["momentum"])
         if self.config.speed_weighted and self.census is not None:
             metrics["diloco/round_budget"] = float(self.census.budget)
         if self.quorum is not None:

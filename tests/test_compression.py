@@ -82,6 +82,7 @@ def test_bits_per_element_per_format():
         "fp16": 16 + 32 / 1024,
         "int8": 8 + 32 / 256,
         "int4": 4 + 32 / 256,
+        "int2": 2 + 32 / 256,
         "e3m0": 4 + 32 / 256,
         "sparse": (32 + 64 * (12 + 2)) / 4096,  # a scale, and 64 kept entries of 12-bit position + 2-bit level
     }

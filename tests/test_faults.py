@@ -34,6 +34,7 @@ from helpers.checkpoints import read_checkpoint
 from lightning_diloco import DiLoCoStrategy
 from lightning_diloco.checkpoint_io import CorruptCheckpointError
 from lightning_diloco.checkpointing import consolidate
+from lightning_diloco.schedules import MomentumWarmupDecay
 
 K, H = 2, 5
 ATOL = 1e-6
@@ -363,12 +364,20 @@ BAD_INPUT = [
     Bad("outer_lr_scheduler-not-callable", _new(outer_lr_scheduler="cosine"), TypeError,
         r"`outer_lr_scheduler` must be a callable that takes the outer optimizer and returns a learning-rate"
         r" scheduler, got str\."),
+    Bad("outer_momentum_schedule-not-callable", _new(outer_momentum_schedule=0.9), TypeError,
+        r"`outer_momentum_schedule` must be a callable that takes the number of outer steps taken and returns the"
+        r" outer momentum, got float\. Pass for example `lightning_diloco\.schedules\.MomentumWarmupDecay"),
+    Bad("MomentumWarmupDecay-peak=1", lambda t, c: MomentumWarmupDecay(peak=1.0), ValueError,
+        r"`peak` must be a momentum in \[0, 1\), got 1\.0\."),
+    Bad("MomentumWarmupDecay-longer-than-the-run",
+        lambda t, c: MomentumWarmupDecay(warmup_steps=8, total_steps=10, decay_steps=4), ValueError,
+        r"`warmup_steps \+ decay_steps` \(8 \+ 4\) must fit in `total_steps` \(10\), the outer steps of the run"),
     Bad("outer_device=gpu0", _new(outer_device="gpu0"), ValueError,
         r"`outer_device='gpu0'` is not a device; use 'cpu', 'cuda' or 'cuda:N'\."),
     Bad("eval_weights=best", _new(eval_weights="best"), ValueError,
         r"`eval_weights` must be 'global' or 'local', got 'best'\."),
     Bad("compression=int3", _new(compression="int3"), ValueError,
-        r"`compression` must be one of none, bf16, fp16, int8, int4, e3m0, sparse; got 'int3'\."),
+        r"`compression` must be one of none, bf16, fp16, int8, int4, int2, e3m0, sparse; got 'int3'\."),
     Bad("sparse-without-error_feedback", _new(compression="sparse"), UserWarning,
         r"`compression='sparse'` sends the top 1\.56% of every pseudo-gradient; without `error_feedback=True` the rest"
         r" is lost at every outer step\."),
@@ -384,6 +393,15 @@ BAD_INPUT = [
     Bad("overlap_steps=-1", _new(overlap_steps=-1), ValueError,
         r"`overlap_steps` must be an integer in \[0, inner_steps\) = \[0, 500\), got -1"),
     Bad("overlap_mixing=1", _new(overlap_mixing=1.0), ValueError, r"`overlap_mixing` must be in \[0, 1\), got 1\.0\."),
+    Bad("eager_rounds=-1", _new(eager_rounds=-1), ValueError,
+        r"`eager_rounds` must be an integer >= 0 \(the rounds a sync may take, hidden behind training\), got -1\. 0"
+        r" turns eager updates off; 1 is the paper's one-round delay\."),
+    Bad("eager_rounds-with-overlap_steps", _new(eager_rounds=1, overlap_steps=2), ValueError,
+        r"`eager_rounds=1` and `overlap_steps=2` are two ways of overlapping a sync: eager updates hide whole rounds"
+        r" \(own pseudo-gradient at once, the others' later\), `overlap_steps` part of one \(mixing\)\. Set one of"
+        r" them to 0\."),
+    Bad("eager_rounds-with-islands", _new(eager_rounds=1, coordinator="http://127.0.0.1:1"), ValueError,
+        r"Islands mode \(`coordinator=...`\) does not support `eager_rounds` yet"),
     Bad("processes_per_worker=0", _new(processes_per_worker=0), ValueError,
         r"`processes_per_worker` must be an integer >= 1, got 0\."),
     Bad("sharding=zero", _new(sharding="zero"), ValueError,
@@ -403,8 +421,8 @@ BAD_INPUT = [
     Bad("outer_backend=tcp", _new(outer_backend="tcp"), ValueError,
         r"`outer_backend` must be 'gloo', 'nccl' or None, got 'tcp'\."),
     Bad("speed_weighted-with-fragments", _new(inner_steps=4, num_fragments=2, speed_weighted=True), ValueError,
-        r"`speed_weighted=True` works with whole-model, blocking outer steps\. Use `num_fragments=1` and"
-        r" `overlap_steps=0` with it\."),
+        r"`speed_weighted=True` works with whole-model, blocking outer steps\. Use `num_fragments=1`,"
+        r" `overlap_steps=0` and `eager_rounds=0` with it\."),
     Bad("speed_weighted-with-overlap", _new(inner_steps=4, overlap_steps=1, speed_weighted=True), ValueError,
         r"`speed_weighted=True` works with whole-model, blocking outer steps\."),
     Bad("outer_bucket_cap_mb=0", _new(outer_bucket_cap_mb=0), ValueError, r"`outer_bucket_cap_mb` must be positive, got 0\."),
@@ -432,6 +450,11 @@ BAD_INPUT = [
     Bad("outer_lr_scheduler-returns-no-scheduler",
         lambda t, c: _fit(DiLoCoStrategy(inner_steps=2, outer_lr_scheduler=lambda optimizer: None)), TypeError,
         r"`outer_lr_scheduler` must return a `torch\.optim\.lr_scheduler\.LRScheduler`, got NoneType\."),
+    Bad("outer_momentum_schedule-with-adam",
+        lambda t, c: _fit(DiLoCoStrategy(inner_steps=2, outer_optimizer=lambda p: torch.optim.Adam(p),
+                                         outer_momentum_schedule=lambda n: 0.9)), ValueError,
+        r"`outer_momentum_schedule` sets the outer optimizer's `momentum`, which Adam does not have\. Use SGD \(the"
+        r" default outer optimizer\) with it, or leave `outer_momentum_schedule=None`\."),
     # --- checkpoints
     Bad("checkpoint-of-another-model", lambda t, c: _fit(DiLoCoStrategy(inner_steps=2), Wider(), c.get("diloco")),
         ValueError, r"(?s)The checkpoint's `state_dict` does not fit this LightningModule \(it was written for a"
@@ -443,6 +466,10 @@ BAD_INPUT = [
         lambda t, c: _fit(DiLoCoStrategy(inner_steps=2, num_fragments=2), None, c.get("diloco"), steps=5), ValueError,
         r"The checkpoint was written with `num_fragments=1` but this run has `num_fragments=2`\. Resume with the"
         r" same number of fragments\."),
+    Bad("checkpoint-with-other-eager_rounds",
+        lambda t, c: _fit(DiLoCoStrategy(inner_steps=2, eager_rounds=1), None, c.get("diloco"), steps=5), ValueError,
+        r"The checkpoint was written with `eager_rounds=0` but this run has `eager_rounds=1`: the syncs in flight and"
+        r" the global state are kept differently\. Resume with the same `eager_rounds`"),
     Bad("checkpoint-of-another-version",
         lambda t, c: _fit(DiLoCoStrategy(inner_steps=2), None, c.edited("v99", _set_version), steps=5), ValueError,
         r"The checkpoint's DiLoCo state has version 99; this version of lightning-diloco reads version 2\. Resume with"

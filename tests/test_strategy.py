@@ -82,6 +82,29 @@ def test_an_outer_lr_schedule_follows_the_reference_and_resumes_bitwise(tmp_path
             assert torch.equal(record["final"][key], value), key
 
 
+def test_an_outer_momentum_warmup_and_decay_follow_the_reference_and_resume_bitwise(tmp_path):
+    """``MomentumWarmupDecay(warmup_steps=2, total_steps=6, decay_steps=2, final=0.5)`` gives the 5 outer steps of
+    this run the momenta 0, 0.45, 0.9, 0.9, 0.7 (the first one with an empty buffer, which then holds its gradient),
+    as the reference computes them by formula; a mid-round resume continues the schedule bitwise."""
+    args = ("--inner-steps", str(H), "--momentum-warmup", "2")
+    run_script("train_toy.py", "--out", str(tmp_path / "full"), "--ckpt-dir", str(tmp_path / "ckpt"), *args)
+    ranks = load_ranks(tmp_path / "full", K)
+    momenta = [0.0, 0.45, 0.9, 0.9, 0.7]
+    sim = _simulate(ranks, outer_momentum=lambda n: momenta[n])
+    for rank, record in enumerate(ranks):
+        for b, local in enumerate(record["local"]):
+            torch.testing.assert_close(local, sim.local[rank][b], rtol=0, atol=1e-6)
+        for key, value in sim.final.items():
+            torch.testing.assert_close(record["final"][key], value, rtol=0, atol=1e-6, msg=key)
+    constant = _simulate(ranks)
+    assert not torch.allclose(constant.final["net.0.weight"], sim.final["net.0.weight"], atol=1e-4)
+    ckpt = tmp_path / "ckpt" / "epoch=1-step=16.ckpt"  # 1 step into round 4, three outer steps taken
+    run_script("train_toy.py", "--out", str(tmp_path / "resumed"), "--resume", str(ckpt), *args)
+    for rank, record in enumerate(load_ranks(tmp_path / "resumed", K)):
+        for key, value in ranks[rank]["final"].items():
+            assert torch.equal(record["final"][key], value), key
+
+
 def test_local_weights_differ_between_syncs_and_agree_after(diloco_run):
     _, ranks = diloco_run
     for b, step in enumerate(ranks[0]["steps"]):

@@ -110,7 +110,7 @@ def simulate(
     init_seed: int,
     inner_steps: int,
     outer_lr: Union[float, Callable[[int], float]],
-    outer_momentum: float,
+    outer_momentum: Union[float, Callable[[int], float]],
     nesterov: bool = True,
     optimizer: str = "adamw",
     lr: float = 0.05,
@@ -135,7 +135,8 @@ def simulate(
         init_seed: the seed of the network every worker starts from (rank 0's).
         inner_steps: H.
         outer_lr: outer learning rate, or a function of the number of outer steps already taken (a schedule).
-        outer_momentum: outer momentum (Nesterov when ``nesterov``).
+        outer_momentum: outer momentum (Nesterov when ``nesterov``), or a function of the number of outer steps
+            already taken.
         nesterov: Nesterov or heavy-ball momentum.
         optimizer: the inner optimizer's kind (see ``toy.make_optimizer``).
         lr: the inner learning rate.
@@ -269,10 +270,11 @@ def _simulate(
         """The fragment's :func:`outer_step`, then every worker moves (or mixes) to the global weights."""
         if any(sync.healthy):
             lr = outer_lr(len(landed)) if callable(outer_lr) else outer_lr  # a schedule: lr of the n-th outer step
+            mu = outer_momentum(len(landed)) if callable(outer_momentum) else outer_momentum
             landed.append(sync.started)
             for pos, j in enumerate(fragments[sync.fragment]):
                 global_params[j], momentum[j] = outer_step(global_params[j], sync.mean[pos], momentum[j], lr,
-                                                           outer_momentum, nesterov)
+                                                           mu, nesterov)
         if sync.buffers is not None:
             for j, value in enumerate(sync.buffers):
                 global_buffers[j] = value.clone()

@@ -17,6 +17,7 @@ from clean_exit import close_process_groups  # noqa: E402
 import lightning_diloco  # noqa: E402, F401
 from helpers.toy import ToyModule, loaders  # noqa: E402
 from lightning_diloco import DiLoCoStrategy  # noqa: E402
+from lightning_diloco.schedules import MomentumWarmupDecay  # noqa: E402
 
 
 def main() -> None:
@@ -28,6 +29,7 @@ def main() -> None:
     parser.add_argument("--outer-lr", type=float, default=0.7)
     parser.add_argument("--outer-momentum", type=float, default=0.9)
     parser.add_argument("--outer-lr-decay", type=float, default=None, help="ExponentialLR(gamma) on the outer lr")
+    parser.add_argument("--momentum-warmup", type=int, default=None, help="MomentumWarmupDecay(warmup_steps=N)")
     parser.add_argument("--optimizer", default="adamw")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--max-steps", type=int, default=-1)
@@ -59,6 +61,9 @@ def main() -> None:
             inner_steps=args.inner_steps,
             outer_lr=args.outer_lr,
             outer_momentum=args.outer_momentum,
+            outer_momentum_schedule=(MomentumWarmupDecay(warmup_steps=args.momentum_warmup, total_steps=6,
+                                                         decay_steps=2, final=0.5)
+                                     if args.momentum_warmup is not None else None),
             outer_lr_scheduler=(functools.partial(torch.optim.lr_scheduler.ExponentialLR, gamma=args.outer_lr_decay)
                                 if args.outer_lr_decay is not None else None),
             compression=args.compression,
