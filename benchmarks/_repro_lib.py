@@ -137,10 +137,14 @@ def build_plan(size: str, out: Path) -> tuple[dict[str, Any], list[dict[str, Any
 
     def diloco(name: str, label: str, workers: int = K, **over: Any) -> dict[str, Any]:
         d = {"inner_steps": h0, "outer": main_outer, "compression": "none", "error_feedback": False,
-             "num_fragments": 1, "overlap_steps": 0, "overlap_mixing": 0.5}
+             "num_fragments": 1, "overlap_steps": 0, "overlap_mixing": 0.5, "eager_rounds": 0,
+             "outer_lr_schedule": None, "outer_momentum_schedule": None}
         sharding = over.pop("sharding", "iid")
+        optimizer = over.pop("optimizer", "adamw")
         d.update(over)
         spec = {**base, "name": name, "kind": "diloco", "workers": workers, "diloco": d, "label": label}
+        if optimizer != "adamw":
+            spec["inner"] = {**base["inner"], "optimizer": optimizer}
         spec["data"] = {**base["data"], "sharding": sharding}
         return spec
 
@@ -178,6 +182,25 @@ def build_plan(size: str, out: Path) -> tuple[dict[str, Any], list[dict[str, Any
                        num_fragments=f, overlap_steps=1, overlap_mixing=0.0))
     runs.append(diloco("comp_e3m0_ef", "DiLoCo, pseudo-gradients in 4-bit E3M0, error feedback", compression="e3m0",
                        error_feedback=True))
+    # the 2025-2026 options (docs/results.md, "The frontier"): eager updates, sparse and 2-bit pseudo-gradients,
+    # outer schedules, Muon as the inner optimizer
+    outer_steps = steps // h0
+    quarter = max(outer_steps // 4, 1)
+    runs += [
+        diloco("eager", f"DiLoCo, eager updates, one round hidden (H={h0})", eager_rounds=1),
+        diloco("eager_stream", f"Streaming, {f} fragments, eager updates", num_fragments=f, eager_rounds=1),
+        diloco("sparse_ef", "DiLoCo, sparse top-1.56% 2-bit + error feedback, outer SGD lr 1 (no momentum)",
+               compression="sparse", error_feedback=True, outer={"type": "sgd", "lr": 1.0, "momentum": 0.0}),
+        diloco("comp_int2_ef", "DiLoCo, 2-bit (ternary) pseudo-gradients, error feedback", compression="int2",
+               error_feedback=True),
+        diloco("outer_cosine", "DiLoCo, outer lr cosine to 10%", outer_lr_schedule="cosine"),
+        diloco("outer_momentum_schedule", f"DiLoCo, outer momentum 0 to 0.9 over {quarter}, to 0.5 over the last"
+               f" {quarter} outer steps", outer_momentum_schedule={"warmup_steps": quarter, "total_steps": outer_steps,
+                                                                  "decay_steps": quarter, "final": 0.5}),
+        diloco("muon", "DiLoCo, Muon inner optimizer", optimizer="muon"),
+        diloco("muon_int2_ef", "DiLoCo, Muon inner optimizer, 2-bit + error feedback", optimizer="muon",
+               compression="int2", error_feedback=True),
+    ]
     for spec in [pretrain, *runs]:
         spec["result"] = str(out / "runs" / f"{spec['name']}.json")
     return pretrain, runs
@@ -210,11 +233,14 @@ def build_module(spec: dict[str, Any]) -> Any:
     class ReproGPT(GPTLightningModule):
         def configure_optimizers(self) -> dict[str, Any]:
             hp = self.hparams
-            optimizer = torch.optim.AdamW(self.parameter_groups(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
-            if init is not None:
-                optimizer.load_state_dict(init["optimizer"])
+            if hp.optimizer == "muon":  # a fresh Muon state: the pre-training's is AdamW's
+                optimizer = super().configure_optimizers()["optimizer"]
+            else:
+                optimizer = torch.optim.AdamW(self.parameter_groups(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+                if init is not None:
+                    optimizer.load_state_dict(init["optimizer"])
             for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] = hp.lr
+                group["initial_lr"] = group["lr"] = group["lr"] if hp.optimizer == "muon" else hp.lr
             schedule = WarmupCosineSchedule(hp.warmup_steps, hp.decay_steps, hp.min_lr_ratio)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, OffsetSchedule(schedule, spec["schedule_offset"]))
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -223,10 +249,30 @@ def build_module(spec: dict[str, Any]) -> Any:
     module = ReproGPT(
         **spec["model"], lr=inner["lr"], weight_decay=inner["weight_decay"], betas=tuple(inner["betas"]),
         warmup_steps=inner["warmup_steps"], decay_steps=inner["decay_steps"], min_lr_ratio=inner["min_lr_ratio"],
+        optimizer=inner.get("optimizer", "adamw"),
     )
     if init is not None:
         module.load_state_dict(init["state_dict"])
     return module
+
+
+def outer_schedules(d: dict[str, Any], steps: int) -> dict[str, Any]:
+    """``DiLoCoStrategy`` keyword arguments for a run's outer learning-rate and momentum schedules."""
+    import functools
+
+    import torch
+
+    from lightning_diloco.schedules import MomentumWarmupDecay
+
+    out: dict[str, Any] = {}
+    if d.get("outer_lr_schedule") == "cosine":
+        outer_steps = max(steps // d["inner_steps"] * d["num_fragments"], 1)
+        lr = d["outer"]["lr"]
+        out["outer_lr_scheduler"] = functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=outer_steps,
+                                                      eta_min=0.1 * lr)
+    if d.get("outer_momentum_schedule"):
+        out["outer_momentum_schedule"] = MomentumWarmupDecay(**d["outer_momentum_schedule"])
+    return out
 
 
 def outer_optimizer(outer: dict[str, Any]) -> dict[str, Any]:

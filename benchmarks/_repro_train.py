@@ -100,7 +100,8 @@ def strategy_for(spec: dict[str, Any]) -> Any:
     return DiLoCoStrategy(
         inner_steps=d["inner_steps"], compression=d["compression"], error_feedback=d["error_feedback"],
         num_fragments=d["num_fragments"], overlap_steps=d["overlap_steps"], overlap_mixing=d["overlap_mixing"],
-        process_group_backend="gloo", timeout=timeout, **lib.outer_optimizer(d["outer"]),
+        eager_rounds=d.get("eager_rounds", 0), process_group_backend="gloo", timeout=timeout,
+        **lib.outer_optimizer(d["outer"]), **lib.outer_schedules(d, spec["steps"]),
     )
 
 

@@ -28,7 +28,7 @@ def test_every_table_and_plot(smoke: Path) -> None:
         png = smoke / f"{stem}.png"
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
         assert f"![{stem}]({stem}.png)" in tables
-    for title in ("Table 2", "Fig. 4", "Table 3", "Fig. 6", "Fig. 5", "Compression"):
+    for title in ("Table 2", "Fig. 4", "Table 3", "Fig. 6", "Fig. 5", "Compression", "2025-2026 options"):
         assert title in tables
     assert "Not finished" not in tables
     rows = [line.split(" | ") for line in tables.splitlines() if line.startswith("| ") and "ppl" not in line]
@@ -56,6 +56,9 @@ def test_raw_numbers(smoke: Path) -> None:
     # DDP all-reduces every step, DiLoCo every H steps, compressed pseudo-gradients are smaller
     assert runs[f"ddp_k{k}"]["bytes_sent"] > runs["diloco_main"]["bytes_sent"] > runs["comp_int8"]["bytes_sent"] > 0
     assert runs["comp_e3m0"]["bytes_sent"] < runs["comp_int8"]["bytes_sent"]
+    assert runs["comp_int2_ef"]["bytes_sent"] < runs["comp_e3m0"]["bytes_sent"]
+    assert runs["muon_int2_ef"]["bytes_sent"] == runs["comp_int2_ef"]["bytes_sent"]
+    assert runs["eager"]["outer_syncs"] == runs["diloco_main"]["outer_syncs"]  # one per round, at the end too
     assert runs["diloco_main"]["outer_syncs"] == lib.SIZES["smoke"]["steps"] // lib.SIZES["smoke"]["inner_steps"]
     with open(smoke / "results.csv") as f:
         rows = list(csv.DictReader(f))
