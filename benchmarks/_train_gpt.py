@@ -18,8 +18,8 @@ the DiLoCo metrics of every outer step, the bytes DDP handed to its all-reduce, 
 issued, and the peak RSS of the process.
 
 Keys of a run (defaults in ``RUN_DEFAULTS``): ``strategy`` (``"diloco"``, ``"ddp"`` or ``"auto"``), ``inner_steps``,
-``compression``, ``fragments``, ``overlap``, ``mixing``, ``max_steps``, ``batch_size``, ``seq_len``, ``model`` (keyword
-arguments of :class:`~lightning_diloco.gpt.GPTLightningModule`), ``seed``, ``threads`` and ``bucket_cap_mb`` (the
+``compression``, ``fragments``, ``overlap``, ``mixing``, ``eager`` (``eager_rounds``), ``max_steps``, ``batch_size``,
+``seq_len``, ``model`` (keyword arguments of :class:`~lightning_diloco.gpt.GPTLightningModule`), ``seed``, ``threads`` and ``bucket_cap_mb`` (the
 strategy's ``outer_bucket_cap_mb``).
 """
 
@@ -53,6 +53,7 @@ RUN_DEFAULTS: dict[str, Any] = {
     "fragments": 1,
     "overlap": 0,
     "mixing": 0.5,
+    "eager": 0,
     "max_steps": 100,
     "batch_size": 16,
     "seq_len": 128,
@@ -232,7 +233,8 @@ def train(run: dict[str, Any], devices: int, num_nodes: int) -> dict[str, Any]:
     if run["strategy"] == "diloco":
         strategy: Any = DiLoCoStrategy(
             inner_steps=run["inner_steps"], compression=run["compression"], num_fragments=run["fragments"],
-            overlap_steps=run["overlap"], overlap_mixing=run["mixing"], outer_bucket_cap_mb=run["bucket_cap_mb"],
+            overlap_steps=run["overlap"], overlap_mixing=run["mixing"], eager_rounds=run["eager"],
+            outer_bucket_cap_mb=run["bucket_cap_mb"],
         )
     else:
         strategy = run["strategy"]

@@ -177,6 +177,9 @@ def configurations(args: argparse.Namespace) -> list[dict[str, Any]]:
          {"inner_steps": h, "fragments": args.fragments, "overlap": args.tau}),
         (f"streaming F={args.fragments} tau={args.tau_4bit} e3m0",
          {"inner_steps": h, "fragments": args.fragments, "overlap": args.tau_4bit, "compression": "e3m0"}),
+        (f"DiLoCo H={h} eager d=1", {"inner_steps": h, "eager": 1}),
+        (f"DiLoCo H={h} eager d=2", {"inner_steps": h, "eager": 2}),
+        (f"DiLoCo H={h} e3m0 eager d=1", {"inner_steps": h, "compression": "e3m0", "eager": 1}),
     ]
     model = {"preset": "tiny", "n_layer": args.n_layer, "n_embd": args.n_embd, "n_head": args.n_head}
     out = []

@@ -5,13 +5,15 @@ worker
 
 1. computes its fresh pseudo-gradient ``delta = global - local`` and sends it (on the sync thread, with the census and
    compression as in any sync);
-2. steps its outer optimizer at once with ``delta / k`` (its own share of the mean it will get) plus, for every sync
-   of that fragment started ``d`` rounds earlier, the others' part of that mean: ``mean - what it applied of its own
-   then``;
+2. steps its outer optimizer at once with ``delta`` itself, its estimate of the mean that is still on its way, plus,
+   for every sync of that fragment started ``d`` rounds earlier, the correction of that estimate: ``mean - what it
+   applied then``;
 3. continues from the new global weights.
 
-Every pseudo-gradient thus reaches every worker's global weights once, with its share of the mean: a worker's own one
-at once, the others' ``d`` rounds later. A worker dropped by the census (a pseudo-gradient that is not finite) applies
+Every pseudo-gradient thus reaches every worker's global weights with its share of the mean: a worker's own one at
+once (whole, then corrected to its share), the others' ``d`` rounds later. Kale et al. weight the fresh own term by
+``1 / k``; on the miniature (``docs/results.md``, k = 4) that diverged with the paper's Nesterov outer optimizer, and
+the whole own term, as an estimate of the mean, came closest to blocking DiLoCo. A worker dropped by the census (a pseudo-gradient that is not finite) applies
 nothing of its own, and a worker that applied its own term but counted for nothing in the mean takes it back with the
 others' part. The workers' global weights and outer momenta therefore differ by their latest own terms; the end of
 ``fit`` (:meth:`EagerRounds.flush`) applies every sync still out, closes the open rounds, and averages the workers'
@@ -61,8 +63,7 @@ class EagerRounds(Rounds):
             gradient = [d.clone() for d in sync.deltas]
             arrived.append(sync)
         else:
-            share = 1.0 / self.workers.count
-            sync.own = [d * share if healthy else torch.zeros_like(d) for d in deltas]
+            sync.own = [d.clone() if healthy else torch.zeros_like(d) for d in deltas]
             gradient = [own.clone() for own in sync.own]
             assert self._executor is not None
             sync.future = self._executor.submit(self._average, sync, row)

@@ -118,9 +118,9 @@ class DiLoCoStrategy(DDPStrategy):
         overlap_mixing: alpha; with ``overlap_steps > 0`` a worker keeps this share of its local weights when the
             outer update lands: ``local = alpha * local + (1 - alpha) * global``.
         eager_rounds: d; eager updates (Kale et al. 2025): a sync's communication may take d whole rounds of its
-            fragment. At each outer step a worker applies its own fresh pseudo-gradient (divided by the number of
-            workers) at once, and the others' part of a sync d rounds after it started, so the training loop does not
-            wait for a link slower than a round. Each worker then holds its own global weights and outer momentum
+            fragment. At each outer step a worker applies its own fresh pseudo-gradient at once, as its estimate of the
+            mean, and the mean's correction of that estimate d rounds later, so the training loop does not wait for a
+            sync that takes up to d rounds (see :mod:`lightning_diloco.eager`). Each worker then holds its own global weights and outer momentum
             (they differ by the latest own contributions); the end of ``fit`` averages them. 0 (the default) is off.
         processes_per_worker: G; each DiLoCo worker is G processes that train one replica together (DDP inside the
             worker, every step); only the workers' outer syncs cross between them. Must divide the world size.

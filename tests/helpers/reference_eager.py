@@ -8,7 +8,8 @@ schedule of :func:`helpers.reference.sync_offset`:
   ``delta_i = global_i - local_i``. The sync's mean is ``sum_j decoded(w_j delta_j) / sum_j w_j`` with ``w_j = 1``,
   or 0 for a worker whose pseudo-gradient is not finite, as in plain DiLoCo.
 - Worker ``i`` steps its own global weights with ``g_i = own_i + sum over its syncs of p started at t - d H of
-  (mean - own_i then)``, where ``own_i = delta_i / k`` (zeros if not finite), then takes them as its local weights.
+  (mean - own_i then)``, where ``own_i = delta_i`` (its estimate of the mean; zeros if not finite), then takes them
+  as its local weights.
   It keeps its local buffers unless a sync arrived, whose healthy workers' mean buffers it then takes (a worker
   whose pseudo-gradient is not finite takes the latest such mean too, and loses its inner optimizer state).
 - At the end of ``fit``: for every fragment, a round still open is closed by a sync applied whole (``g_i = mean +
@@ -92,7 +93,7 @@ def _simulate(
                 decoded = _through_codec(codec, deltas[i][pos], weights[i], residuals[i], j, error_feedback)
                 total = decoded if total is None else total + decoded
             mean.append(total / max(sum(weights), 1e-12))
-        own = [[d * (1.0 / k) if healthy[i] else torch.zeros_like(d) for d in deltas[i]] for i in range(k)]
+        own = [[d.clone() if healthy[i] else torch.zeros_like(d) for d in deltas[i]] for i in range(k)]
         mean_buffers = None
         if p == len(fragments) - 1 and buffers[0] and any(healthy):
             mean_buffers = []
