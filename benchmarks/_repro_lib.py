@@ -187,8 +187,11 @@ def build_plan(size: str, out: Path) -> tuple[dict[str, Any], list[dict[str, Any
     outer_steps = steps // h0
     quarter = max(outer_steps // 4, 1)
     runs += [
-        diloco("eager", f"DiLoCo, eager updates, one round hidden (H={h0})", eager_rounds=1),
-        diloco("eager_stream", f"Streaming, {f} fragments, eager updates", num_fragments=f, eager_rounds=1),
+        # eager updates with the paper's outer lr 0.7 (at lr 1.0 they lose 26%, see docs/results.md)
+        diloco("eager", f"DiLoCo, eager updates, one round hidden, outer {outer_label(PAPER_OUTER)}", eager_rounds=1,
+               outer=PAPER_OUTER),
+        diloco("eager_stream", f"Streaming, {f} fragments, eager updates, outer {outer_label(PAPER_OUTER)}",
+               num_fragments=f, eager_rounds=1, outer=PAPER_OUTER),
         diloco("sparse_ef", "DiLoCo, sparse top-1.56% 2-bit + error feedback, outer SGD lr 1 (no momentum)",
                compression="sparse", error_feedback=True, outer={"type": "sgd", "lr": 1.0, "momentum": 0.0}),
         diloco("comp_int2_ef", "DiLoCo, 2-bit (ternary) pseudo-gradients, error feedback", compression="int2",

@@ -214,8 +214,8 @@ def build_tables(size: str, runs: list[dict[str, Any]], res: dict[str, dict[str,
     }
     # The 2025-2026 options, each beside the run it changes
     frontier = [
-        ("eager", main, "eager loss 2.69 vs blocking 2.67 (+0.7%); naive delayed 3.01 (Kale et al. 2025)"),
-        ("eager_stream", "stream", "as above, with fragments"),
+        ("eager", "outer_paper", "eager loss 2.69 vs blocking 2.67 (+0.7%); naive delayed 3.01 (Kale et al. 2025)"),
+        ("eager_stream", "outer_paper", "as above, with fragments"),
         ("sparse_ef", main, "matches or beats DiLoCo at 1-3% density; 146x smaller (SparseLoCo)"),
         ("comp_int2_ef", main, "—"),
         ("outer_cosine", main, "—"),

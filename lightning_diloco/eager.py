@@ -61,17 +61,14 @@ class EagerRounds(Rounds):
         if blocking:
             self._average(sync, row)
             gradient = [d.clone() for d in sync.deltas]
-            arrived.append(sync)
         else:
             sync.own = [d.clone() if healthy else torch.zeros_like(d) for d in deltas]
             gradient = [own.clone() for own in sync.own]
             assert self._executor is not None
             sync.future = self._executor.submit(self._average, sync, row)
             self.pending.append(sync)
-        for landed in arrived if not blocking else arrived[:-1]:
-            for g, others in zip(gradient, landed.deltas):
-                g.add_(others)
-        self._outer_step(fragment, gradient, arrived, restart=not healthy)
+        _add_others(gradient, arrived)
+        self._outer_step(fragment, gradient, arrived + [sync] if blocking else arrived, restart=not healthy)
         fragment.last_sync = self.step
         if fragment.carries_buffers:
             self.census.next_round(self.workers.index)
@@ -114,17 +111,19 @@ class EagerRounds(Rounds):
             healthy = sum(1 for share in sync.shares if share > 0)
             self._report(Landed(sync, self.outer.outer_step, sync.blocked_seconds, healthy))
 
+    def _apply_others(self, fragment: Fragment, move: bool) -> None:
+        """One outer step of ``fragment`` with the others' part of every sync of it still out (if any)."""
+        arrived = self._arrivals(fragment, every=True)
+        if arrived:
+            gradient = [torch.zeros_like(d) for d in arrived[0].deltas]
+            _add_others(gradient, arrived)
+            self._outer_step(fragment, gradient, arrived, restart=False, move=move)
+
     def land_pending(self) -> None:
         """Apply the others' part of every sync still out, in one outer step per fragment (the worker keeps its local
         progress: its next pseudo-gradient is taken from the moved global weights)."""
         for fragment in self.fragments:
-            arrived = self._arrivals(fragment, every=True)
-            if arrived:
-                gradient = [torch.zeros_like(d) for d in arrived[0].deltas]
-                for sync in arrived:
-                    for g, others in zip(gradient, sync.deltas):
-                        g.add_(others)
-                self._outer_step(fragment, gradient, arrived, restart=False, move=False)
+            self._apply_others(fragment, move=False)
 
     def flush(self) -> None:
         """Apply every sync still out, close every open round, then average the workers' global states, so that every
@@ -135,13 +134,7 @@ class EagerRounds(Rounds):
             if fragment.has_open_round(self.step):
                 self.start(fragment, blocking=True)
             else:
-                arrived = self._arrivals(fragment, every=True)
-                if arrived:
-                    gradient = [torch.zeros_like(d) for d in arrived[0].deltas]
-                    for sync in arrived:
-                        for g, others in zip(gradient, sync.deltas):
-                            g.add_(others)
-                    self._outer_step(fragment, gradient, arrived, restart=False)
+                self._apply_others(fragment, move=True)
         self.agree()
 
     @torch.no_grad()
@@ -164,3 +157,10 @@ class EagerRounds(Rounds):
         for sync in self.pending:
             self._take_others(sync)
         return super().state_dict()
+
+
+def _add_others(gradient: list[Tensor], arrived: list[Sync]) -> None:
+    """Add the others' part of every arrived sync to ``gradient``, in the order they started."""
+    for sync in arrived:
+        for g, others in zip(gradient, sync.deltas):
+            g.add_(others)

@@ -459,3 +459,21 @@ def test_an_outer_lr_scheduler_from_the_command_line(tmp_path, monkeypatch):
     assert isinstance(scheduler, torch.optim.lr_scheduler.ExponentialLR)
     scheduler.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.35)
+
+
+def test_an_outer_momentum_schedule_and_eager_updates_from_the_command_line(tmp_path, monkeypatch):
+    """`outer_momentum_schedule` as a `class_path` with `init_args`, and `eager_rounds`, reach the strategy."""
+    from lightning_diloco.cli import build_cli
+    from lightning_diloco.schedules import MomentumWarmupDecay
+
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli([
+        "--config", str(Path(__file__).parent.parent / "configs" / "tiny.yaml"),
+        "--trainer.strategy.init_args.outer_momentum_schedule=lightning_diloco.schedules.MomentumWarmupDecay",
+        "--trainer.strategy.init_args.outer_momentum_schedule.warmup_steps=4",
+        "--trainer.strategy.init_args.eager_rounds=1",
+    ], run=False)
+    config = cli.trainer.strategy.config
+    assert isinstance(config.outer_momentum_schedule, MomentumWarmupDecay)
+    assert [config.outer_momentum_schedule(n) for n in (0, 2, 4, 9)] == pytest.approx([0.0, 0.45, 0.9, 0.9])
+    assert config.eager_rounds == 1
