@@ -47,8 +47,10 @@ def test_fsdp_inside_a_worker_trains_as_ddp_inside(runs):
         torch.testing.assert_close(fsdp[0]["final"][key], value, rtol=0, atol=1e-6, msg=key)
 
 
-def test_overlapped_syncs_of_fsdp_workers_train_as_ddp_inside(tmp_path):
-    args = ("--inner-steps", str(H), "--fragments", "2", "--overlap", "1")
+@pytest.mark.parametrize("overlap", [("--overlap", "1"), ("--eager", "1")], ids=["overlap", "eager"])
+def test_overlapped_syncs_of_fsdp_workers_train_as_ddp_inside(tmp_path, overlap):
+    """Overlapped syncs, and eager updates (every worker's own global chunks, averaged at the end)."""
+    args = ("--inner-steps", str(H), "--fragments", "2", *overlap)
     fsdp, ddp = _run(tmp_path / "fsdp", *args), _run(tmp_path / "ddp", *args, "--sharding", "none")
     for key, value in ddp[0]["final"].items():
         torch.testing.assert_close(fsdp[0]["final"][key], value, rtol=0, atol=1e-6, msg=key)

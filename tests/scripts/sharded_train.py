@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--compression", default="none")
     parser.add_argument("--error-feedback", action="store_true")
     parser.add_argument("--overlap", type=int, default=0)
+    parser.add_argument("--eager", type=int, default=0, help="eager_rounds")
     parser.add_argument("--ckpt", action="store_true", help="a checkpoint at every epoch end (every 6 steps)")
     parser.add_argument("--resume", default=None)
     parser.add_argument("--width", type=int, default=30)
@@ -118,7 +119,8 @@ def main() -> None:
     strategy = DiLoCoStrategy(
         inner_steps=args.inner_steps, processes_per_worker=args.processes_per_worker, sharding=args.sharding,
         num_fragments=args.fragments, compression=args.compression, error_feedback=args.error_feedback,
-        overlap_steps=args.overlap, find_unused_parameters=True if args.find_unused_parameters else None,
+        overlap_steps=args.overlap, eager_rounds=args.eager,
+        find_unused_parameters=True if args.find_unused_parameters else None,
     )
     callbacks = []
     if args.ckpt:
