@@ -134,7 +134,7 @@ def test_bytes_sent_follow_the_formula(ranks, scenario):
 def test_fewer_bits_send_fewer_bytes(ranks):
     sent = {name: ranks[0][f"{name}_all_gather"]["stats"]["bytes_sent"] for name in LOSSY}
     sent["none"] = ranks[0]["none"]["stats"]["bytes_sent"]
-    assert sent["sparse"] < sent["int4"] == sent["e3m0"] < sent["int8"] < sent["bf16"] < sent["fp16"] < sent["none"]
+    assert sent["sparse"] < sent["int2"] < sent["int4"] == sent["e3m0"] < sent["int8"] < sent["bf16"] < sent["fp16"] < sent["none"]
 
 
 @pytest.mark.parametrize("algorithm", GATHERING)
@@ -204,7 +204,7 @@ def test_single_process_weight_divisor_and_error_feedback():
 
 def test_invalid_arguments_raise():
     tensors = [torch.randn(4)]
-    with pytest.raises(ValueError, match="Unknown compressor 'fp8'.*none, bf16, fp16, int8, int4, e3m0"):
+    with pytest.raises(ValueError, match="Unknown compressor 'fp8'.*none, bf16, fp16, int8, int4, int2, e3m0, sparse"):
         average_(tensors, "fp8")
     with pytest.raises(ValueError, match="Unknown algorithm 'ring'.*" + ", ".join(ALGORITHMS)):
         average_(tensors, algorithm="ring")

@@ -16,11 +16,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lightning_diloco.collectives import average_
-from lightning_diloco.compression import ErrorFeedback
+from lightning_diloco.compression import COMPRESSOR_NAMES, ErrorFeedback, get_compressor
 
 #: Shapes of the averaged tensors: odd lengths, lengths that are not multiples of any block size, one larger tensor.
 SHAPES = [(37,), (16, 33), (4099,), (3, 7, 11), (1,), (300,)]
-LOSSY = ["bf16", "fp16", "int8", "int4", "e3m0", "sparse"]
+LOSSY = [name for name in COMPRESSOR_NAMES if name != "none"]
 TINY_CAP_MB = 0.004  # ~1000 fp32 elements: splits SHAPES into several buckets
 ERROR_FEEDBACK_SYNCS = 8
 
@@ -49,7 +49,7 @@ def scenarios(rank: int) -> list[dict[str, Any]]:
          "divisor": 1.0},
     ]
     for compressor in LOSSY:
-        for algorithm in ("all_gather",) if compressor == "sparse" else ("all_gather", "reduce_scatter"):
+        for algorithm in ("all_gather",) if get_compressor(compressor).gather_only else ("all_gather", "reduce_scatter"):
             name = f"{compressor}_{algorithm}"
             cases.append({"name": name, "compressor": compressor, "algorithm": algorithm})
             cases.append({"name": f"{name}_buckets", "compressor": compressor, "algorithm": algorithm,
