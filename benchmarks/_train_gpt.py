@@ -19,13 +19,18 @@ issued, and the peak RSS of the process.
 
 Keys of a run (defaults in ``RUN_DEFAULTS``): ``strategy`` (``"diloco"``, ``"ddp"`` or ``"auto"``), ``inner_steps``,
 ``compression``, ``fragments``, ``overlap``, ``mixing``, ``eager`` (``eager_rounds``), ``max_steps``, ``batch_size``,
-``seq_len``, ``model`` (keyword arguments of :class:`~lightning_diloco.gpt.GPTLightningModule`), ``seed``, ``threads`` and ``bucket_cap_mb`` (the
-strategy's ``outer_bucket_cap_mb``).
+``seq_len``, ``model`` (keyword arguments of :class:`~lightning_diloco.gpt.GPTLightningModule`), ``seed``, ``threads``,
+``bucket_cap_mb`` (the strategy's ``outer_bucket_cap_mb``), ``accelerator`` (``"cpu"`` or ``"cuda"``), ``precision``
+(the Trainer's), ``outer_device`` and ``backend`` (``process_group_backend``), ``sync_at`` (see :class:`StepClock`)
+and ``save`` (single-process runs): also write the weights at the start and at the end of the fit to
+``<out>/<name>.rank0.init.pt`` and ``<out>/<name>.rank0.pt``. On CUDA the result has the peak of allocated GPU memory
+during the fit (``cuda_peak_bytes``).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -33,6 +38,7 @@ import threading
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +46,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.loggers.logger import Logger
+from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_diloco import DiLoCoStrategy
@@ -61,6 +68,11 @@ RUN_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "threads": 1,
     "bucket_cap_mb": 128.0,
+    "accelerator": "cpu",
+    "precision": "32-true",
+    "outer_device": None,
+    "backend": None,
+    "save": False,
 }
 
 _COLLECTIVES = (
@@ -161,14 +173,19 @@ class StepClock(L.Callback):
 
     Args:
         logger: the run's logger, whose outer-step records are counted.
+        sync_at: steps (1-based) at whose end the clock first waits for the CUDA device, so that a window between
+            two of them measures the device's work rather than how far ahead the host ran.
 
     """
 
-    def __init__(self, logger: RecordingLogger) -> None:
+    def __init__(self, logger: RecordingLogger, sync_at: Sequence[int] = ()) -> None:
         self.logger = logger
+        self.sync_at = set(sync_at)
         self.series: defaultdict[str, list[float]] = defaultdict(list)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if len(self.series["times"]) + 1 in self.sync_at and torch.cuda.is_available():
+            torch.cuda.synchronize()
         now = time.perf_counter()
         strategy = trainer.strategy
         timings = strategy.timings if isinstance(strategy, DiLoCoStrategy) else Timings()
@@ -217,7 +234,7 @@ def collate(samples: list[tuple[torch.Tensor]]) -> torch.Tensor:
     return torch.stack([s[0] for s in samples])
 
 
-def train(run: dict[str, Any], devices: int, num_nodes: int) -> dict[str, Any]:
+def train(run: dict[str, Any], devices: int, num_nodes: int, out: Path) -> dict[str, Any]:
     """Train one run of the plan; returns this rank's measurements."""
     run = {**RUN_DEFAULTS, **run}
     torch.set_num_threads(int(run["threads"]))
@@ -234,20 +251,36 @@ def train(run: dict[str, Any], devices: int, num_nodes: int) -> dict[str, Any]:
         strategy: Any = DiLoCoStrategy(
             inner_steps=run["inner_steps"], compression=run["compression"], num_fragments=run["fragments"],
             overlap_steps=run["overlap"], overlap_mixing=run["mixing"], eager_rounds=run["eager"],
-            outer_bucket_cap_mb=run["bucket_cap_mb"],
+            outer_bucket_cap_mb=run["bucket_cap_mb"], outer_device=run["outer_device"],
+            process_group_backend=run["backend"],
         )
+    elif run["strategy"] == "ddp" and run["backend"]:
+        strategy = DDPStrategy(process_group_backend=run["backend"])
     else:
         strategy = run["strategy"]
     logger = RecordingLogger()
-    clock, ddp_bytes = StepClock(logger), DDPBucketBytes()
+    clock, ddp_bytes = StepClock(logger, run.get("sync_at", ())), DDPBucketBytes()
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, num_nodes=num_nodes, strategy=strategy, max_steps=run["max_steps"],
+        accelerator=run["accelerator"], precision=run["precision"], devices=devices, num_nodes=num_nodes,
+        strategy=strategy, max_steps=run["max_steps"],
         logger=logger, callbacks=[clock, ddp_bytes], enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=1.0,
         log_every_n_steps=10**6,
     )
+    cuda = run["accelerator"] in ("cuda", "gpu")
+    if cuda:  # the previous run's model and optimizer are garbage by now: out of this run's peak
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    if run["save"]:
+        torch.save({k: v.detach().clone() for k, v in module.state_dict().items()},
+                   out / f"{run['name']}.rank0.init.pt")
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     trainer.fit(module, train_dataloaders=loader)
+    cuda_peak = torch.cuda.max_memory_allocated() if cuda else 0
+    if run["save"]:
+        weights = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+        torch.save(weights, out / f"{run['name']}.rank0.pt")
     extra_state = 0
     outer = trainer.strategy.outer if isinstance(trainer.strategy, DiLoCoStrategy) else None
     if outer is not None:
@@ -273,6 +306,7 @@ def train(run: dict[str, Any], devices: int, num_nodes: int) -> dict[str, Any]:
         "maxrss_kib_before_fit": rss_before,
         "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "global_step": trainer.global_step,
+        "cuda_peak_bytes": cuda_peak,
     }
 
 
@@ -288,7 +322,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=r".*(does not have many workers|num_workers|LeafSpec|tensorboardX).*")
     COUNTER.install()
     for run in plan["runs"]:
-        result = train(run, int(plan.get("devices", 1)), int(plan.get("num_nodes", 1)))
+        result = train(run, int(plan.get("devices", 1)), int(plan.get("num_nodes", 1)), out)
         COUNTER.main = COUNTER.background = 0
         COUNTER.names.clear()
         (out / f"{run['name']}.rank{result['rank']}.json").write_text(json.dumps(result))

@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from benchmarks._common import NOMINAL_BITS, exact_sync_bytes, ring_bytes, window
 from benchmarks.bytes import meta_numels
@@ -188,3 +189,48 @@ def test_sharding_benchmark_shards_what_a_process_holds(tmp_path):
     rows = report["rank0_vs_k"]
     assert [r["k"] for r in rows] == [1, 2, 4]
     assert rows[2]["rank0_save_growth"] - rows[0]["rank0_save_growth"] < rows[0]["worker_state"] / 2
+
+
+def test_gpu_check_runs_every_check_and_passes_them_on_cpu(tmp_path):
+    """The accelerator check's CPU mode: every check has rows, and every correctness row passes (the mixed-device run
+    against its reference simulation, the codecs' round trips, bf16-mixed against fp32, outer_device)."""
+    rows_file = tmp_path / "rows.json"
+    run_benchmark("gpu_check", "--device", "cpu", "--out", str(tmp_path / "runs"), "--json", str(rows_file))
+    rows = json.loads(rows_file.read_text())
+    assert {row["check"] for row in rows} == {"1", "2", "3", "4", "5", "6"}
+    correctness = [row for row in rows if row["correctness"]]
+    assert correctness and all(row["ok"] for row in correctness), [r for r in correctness if not r["ok"]]
+    assert sum("round trip" in row["what"] for row in rows) == len(COMPRESSOR_NAMES)
+    assert any("against the reference simulation" in row["what"] and row["measured"] == "bitwise equal" for row in rows)
+    outer_rows = [row for row in rows if row["check"] == "4" and "outer step" in row["what"]]
+    assert len(outer_rows) == 2 and all("x the bound" in row["measured"] for row in outer_rows)
+
+
+def test_gpu_check_fails_a_codec_that_leaves_its_bound(monkeypatch):
+    """A round trip beyond the format's error bound is a failed check, not a number in a table."""
+    from benchmarks import gpu_check
+
+    class Noisy:
+        def __init__(self, codec):
+            self.codec = codec
+
+        def __getattr__(self, name):
+            return getattr(self.codec, name)
+
+        def decode(self, payload, numel):
+            out = self.codec.decode(payload, numel)
+            return out + 10 * self.codec.error_bound(out.cpu()).to(out.device) + 1e-3
+
+    monkeypatch.setattr(gpu_check, "get_compressor", lambda name: Noisy(get_compressor(name)))
+    rows = gpu_check.check_codecs("cpu")
+    assert len(rows) == len(COMPRESSOR_NAMES) and not any(row.ok for row in rows)
+
+
+def test_gpu_check_distance_is_relative_to_the_training_movement():
+    from benchmarks.gpu_check import relative_distance
+
+    start = {"w": torch.zeros(4), "step": torch.tensor(3)}
+    trained = {"w": torch.ones(4), "step": torch.tensor(3)}
+    assert relative_distance(trained, trained, start) == 0
+    assert relative_distance(start, trained, start) == 1  # did not train at all
+    assert relative_distance({"w": torch.full((4,), 1.1), "step": torch.tensor(3)}, trained, start) == pytest.approx(0.1)
