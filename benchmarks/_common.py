@@ -93,6 +93,31 @@ def run_plan(
     }
 
 
+def launch_ranks(module: str, args: Sequence[Sequence[str]], out: Path, timeout: float = 300,
+                 **extra_env: str) -> None:
+    """Run ``python -m module *args[r]`` for every rank ``r`` at once, each a node of its own (Lightning's environment
+    variables set), logging to ``out/rank<r>.log``; raise with the logs' tails unless every rank exits with 0."""
+    out.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    procs = []
+    for rank, rank_args in enumerate(args):
+        env = worker_env(rank, len(args), "127.0.0.1", port, per_node=True, **extra_env)
+        log = open(out / f"rank{rank}.log", "w")
+        procs.append((subprocess.Popen([sys.executable, "-m", module, *rank_args], env=env, cwd=ROOT, stdout=log,
+                                       stderr=subprocess.STDOUT), log))
+    codes: list[Any] = []
+    for proc, log in procs:
+        try:
+            codes.append(proc.wait(timeout=timeout))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            codes.append("timeout")
+        log.close()
+    if any(code != 0 for code in codes):
+        tails = "\n".join(f"--- rank {r} ---\n{(out / f'rank{r}.log').read_text()[-3000:]}" for r in range(len(args)))
+        raise RuntimeError(f"{module} ranks exited with {codes}:\n{tails}")
+
+
 _PASSED = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK", "LOCAL_RANK", "OMP_NUM_THREADS",
            "MKL_NUM_THREADS", "PYTHONWARNINGS", "GLOO_SOCKET_IFNAME", "PATH", "HOME", "VIRTUAL_ENV", "PYTHONPATH",
            "LIGHTNING_DILOCO_CACHE", "TP_SOCKET_IFNAME")

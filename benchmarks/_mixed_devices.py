@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -26,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from ._common import ROOT, free_port, worker_env
+from ._common import launch_ranks
 
 H, ROUNDS, BATCH, LR = 5, 3, 8, 1e-2
 STEPS = H * ROUNDS
@@ -77,25 +75,7 @@ def fit(device: str, out: Path) -> None:
 
 def launch(devices: list[str], out: Path, timeout: float = 300) -> list[dict]:
     """Run the two ranks (rank ``r`` on ``devices[r]``) and return what each wrote."""
-    out.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    procs = []
-    for rank, device in enumerate(devices):
-        env = worker_env(rank, len(devices), "127.0.0.1", port, per_node=True)
-        log = open(out / f"rank{rank}.log", "w")
-        command = [sys.executable, "-m", __spec__.name, "--device", device, "--out", str(out)]
-        procs.append((subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log))
-    codes = []
-    for proc, log in procs:
-        try:
-            codes.append(proc.wait(timeout=timeout))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            codes.append("timeout")
-        log.close()
-    if any(code != 0 for code in codes):
-        tails = "\n".join(f"--- rank {r} ---\n{(out / f'rank{r}.log').read_text()[-3000:]}" for r in range(len(codes)))
-        raise RuntimeError(f"mixed-device ranks exited with {codes}:\n{tails}")
+    launch_ranks(__spec__.name, [["--device", d, "--out", str(out)] for d in devices], out, timeout)
     return [torch.load(out / f"rank{r}.pt") for r in range(len(devices))]
 
 

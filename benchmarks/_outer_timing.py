@@ -128,6 +128,7 @@ class OuterStepTiming:
     seconds: list[float]
     temporary_bytes: int
     state_bytes: int
+    kept_bytes: int  # buffers the sync keeps from one outer step to the next (the bucket it writes into)
 
     @property
     def median(self) -> float:
@@ -181,5 +182,7 @@ def time_outer_step(
     temporary = memory.peak()
     outer = rounds.outer
     state = [*outer.params, *(t for s in outer.optimizer.state.values() for t in s.values() if torch.is_tensor(t))]
+    kept = [rounds._buffer, *outer._staged.values()]
     return OuterStepTiming(sum(p.numel() for p in params), seconds, temporary,
-                           sum(t.numel() * t.element_size() for t in state))
+                           sum(t.numel() * t.element_size() for t in state),
+                           sum(t.numel() * t.element_size() for t in kept if t is not None))

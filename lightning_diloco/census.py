@@ -8,7 +8,7 @@ for the next round: about ``H * its speed / the fastest speed`` computed steps, 
 This module holds all of ``speed_weighted``.
 """
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -48,9 +48,11 @@ class Census:
         self.computed += 1
         self.compute_seconds += seconds
 
-    def row(self, deltas: list[Tensor]) -> Tensor:
-        """This worker's report: its share in the mean, and its seconds per step."""
-        finite = all(bool(torch.isfinite(d).all()) for d in deltas)
+    def row(self, deltas: list[Tensor], finite: Optional[bool] = None) -> Tensor:
+        """This worker's report: its share in the mean (0 if its pseudo-gradient ``deltas`` is not ``finite``, which
+        is read from them if not given), and its seconds per step."""
+        if finite is None:
+            finite = all(bool(torch.isfinite(d).all()) for d in deltas)
         share = float(self.computed) if self.speed_weighted else 1.0
         seconds_per_step = self.compute_seconds / max(self.computed, 1)
         return torch.tensor([share if finite else 0.0, seconds_per_step], dtype=torch.float64)

@@ -228,26 +228,78 @@ def average_(
     stats = CommStats(algorithm=chosen, compressor=codec.name, world_size=world_size)
 
     for bucket in plan_buckets([t.numel() for t in tensors], codec.block_size, bucket_cap_mb):
-        length = bucket.numel
-        if chosen == "reduce_scatter":
-            length = _round_up(length, world_size * codec.block_size)
-        flat = _pack(tensors, bucket, length, weight, device)
-        if chosen == "all_reduce":
-            total = _all_reduce(flat, group, world_size, stats)
-        else:
-            num_chunks = world_size if chosen == "reduce_scatter" else 1
-            payload = _encode_local(codec, flat, bucket, num_chunks, feedback)
-            if chosen == "all_gather":
-                total = _all_gather_sum(codec, payload, length, group, world_size, stats)
-            elif chosen == "reduce_scatter":
-                total = _reduce_scatter_sum(codec, payload, length, group, world_size, stats)
-            else:
-                total = codec.decode(payload, length)
-        _unpack(total.div_(divisor), tensors, bucket)
-        stats.num_buckets += 1
-        stats.numel += sum(segment.numel for segment in bucket.segments)
+        flat = _pack(tensors, bucket, bucket_length(bucket, codec, chosen, world_size), weight, device)
+        _unpack(_reduce(flat, bucket, codec, chosen, group, world_size, feedback, stats).div_(divisor), tensors,
+                bucket)
     stats.total_seconds = time.perf_counter() - start
     return stats
+
+
+class BucketAverager:
+    """:func:`average_`, one bucket at a time, for a caller that packs each bucket itself.
+
+    The caller writes its weighted contribution into a zero-padded fp32 buffer of :meth:`length` elements (the
+    bucket's tensors at their segments' offsets) and calls :meth:`sum`, which returns the sum over the ranks; divided
+    by the divisor, that is what :func:`average_` returns on the same tensors, with the same collectives and bytes.
+
+    Args:
+        compressor: as in :func:`average_`.
+        group: as in :func:`average_`.
+        device: where the buffers are.
+        algorithm: as in :func:`average_`.
+
+    """
+
+    def __init__(self, compressor: str | Compressor, group: dist.ProcessGroup | None, device: torch.device,
+                 algorithm: str = "auto") -> None:
+        self.codec = get_compressor(compressor)
+        self.group = group
+        self.world_size = _world_size(group)
+        self.algorithm = _resolve_algorithm(algorithm, self.codec, self.world_size, group, device)
+        self.stats = CommStats(algorithm=self.algorithm, compressor=self.codec.name, world_size=self.world_size)
+
+    def length(self, bucket: Bucket) -> int:
+        """The buffer length that ``bucket`` needs (its own, padded for ``reduce_scatter``)."""
+        return bucket_length(bucket, self.codec, self.algorithm, self.world_size)
+
+    def sum(self, flat: Tensor, bucket: Bucket, error_feedback: ErrorFeedback | None = None) -> Tensor:
+        """The sum of every rank's ``flat``: ``flat`` itself (uncompressed) or a new tensor of its length; the mean
+        is that over the divisor (:func:`average_` divides at once; a caller may divide as it reads it).
+        ``error_feedback`` as in :func:`average_` (pass ``None`` for a rank of weight 0)."""
+        started = time.perf_counter()
+        feedback = None if self.codec.lossless else error_feedback
+        total = _reduce(flat, bucket, self.codec, self.algorithm, self.group, self.world_size, feedback, self.stats)
+        self.stats.total_seconds += time.perf_counter() - started
+        return total
+
+
+def bucket_length(bucket: Bucket, codec: Compressor, algorithm: str, world_size: int) -> int:
+    """Elements of the buffer that carries ``bucket``: padded to ``world_size`` whole chunks for ``reduce_scatter``."""
+    if algorithm == "reduce_scatter":
+        return _round_up(bucket.numel, world_size * codec.block_size)
+    return bucket.numel
+
+
+def _reduce(flat: Tensor, bucket: Bucket, codec: Compressor, algorithm: str, group: dist.ProcessGroup | None,
+            world_size: int, feedback: ErrorFeedback | None, stats: CommStats) -> Tensor:
+    """The sum over the ranks of one packed bucket: ``flat`` itself (``all_reduce``) or a new tensor."""
+    length = flat.numel()
+    if algorithm == "local" and codec.lossless:  # one rank, nothing lost: the sum is the buffer itself
+        total = flat
+    elif algorithm == "all_reduce":
+        total = _all_reduce(flat, group, world_size, stats)
+    else:
+        num_chunks = world_size if algorithm == "reduce_scatter" else 1
+        payload = _encode_local(codec, flat, bucket, num_chunks, feedback)
+        if algorithm == "all_gather":
+            total = _all_gather_sum(codec, payload, length, group, world_size, stats)
+        elif algorithm == "reduce_scatter":
+            total = _reduce_scatter_sum(codec, payload, length, group, world_size, stats)
+        else:
+            total = codec.decode(payload, length)
+    stats.num_buckets += 1
+    stats.numel += sum(segment.numel for segment in bucket.segments)
+    return total
 
 
 def _check_tensors(tensors: list[Tensor]) -> torch.device:

@@ -21,6 +21,7 @@ from torch.nn import Module, Parameter
 from torch.optim import SGD, Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from lightning_diloco.flat import FlatBucket, FlatLayout, fast_sgd, nesterov_
 from lightning_diloco.sharding import local, to_global
 
 OuterOptimizerCallable = Callable[[Iterable[Tensor]], Optimizer]
@@ -87,11 +88,16 @@ class OuterState:
         self._build_optimizer = optimizer
         self._build_scheduler = scheduler
         self.scheduler: Optional[LRScheduler] = None
+        self._scheduled: Optional[float] = None  # this outer step's momentum, from `momentum`
         self.locals: list[Tensor] = []
         self.names: list[str] = []
         self.params: list[Parameter] = []
         self.buffers: dict[str, Tensor] = {}
         self._local_buffers: dict[str, Tensor] = {}  # the module's buffers that `buffers` are the global values of
+        self.layout: Optional[FlatLayout] = None
+        self.flat: Optional[Tensor] = None  # the global weights, when they share one dtype (see `arrange`)
+        self.flat_momentum: Optional[Tensor] = None  # the momentum of the default outer optimizer, likewise
+        self._staged: dict[torch.device, Tensor] = {}  # see `_staging`
         self.follow(module)
         self.outer_step = 0
 
@@ -161,6 +167,173 @@ class OuterState:
             self.scheduler.load_state_dict(previous)
 
     @torch.no_grad()
+    def arrange(self, layout: FlatLayout) -> None:
+        """Move the global weights into one flat buffer laid out as ``layout`` (each global parameter becomes a view
+        of its slot: the same ``Parameter`` objects, so the outer optimizer and its state follow), and the momentum of
+        the default outer optimizer likewise. Global weights of several dtypes stay where they are."""
+        self.layout = layout
+        if len({p.dtype for p in self.params}) != 1:
+            self.flat = self.flat_momentum = None
+            return
+        self.flat = self._into_flat(list(self.params), layout)
+        for p, view in zip(self.params, self._views(self.flat)):
+            p.data = view
+        self.flat_momentum = None
+        if fast_sgd(self.optimizer) is not None and any(self._momentum(p) is not None for p in self.params):
+            self._adopt_momentum()
+
+    def _into_flat(self, tensors: list[Tensor], layout: FlatLayout) -> Tensor:
+        # global weights on the CPU of a CUDA model are pinned: the copies to and from the model are then DMA transfers
+        pin = self.device.type == "cpu" and torch.cuda.is_available() and any(local(p).is_cuda for p in self.locals)
+        flat = torch.zeros(layout.numel, dtype=self.params[0].dtype, device=self.device, pin_memory=pin)
+        for i, tensor in enumerate(tensors):
+            start = layout.offsets[i]
+            flat[start : start + tensor.numel()].copy_(tensor.reshape(-1))
+        return flat
+
+    def _views(self, flat: Tensor) -> list[Tensor]:
+        assert self.layout is not None
+        offsets = self.layout.offsets
+        return [flat[offsets[i] : offsets[i] + p.numel()].view(p.shape) for i, p in enumerate(self.params)]
+
+    def _momentum(self, param: Tensor) -> Optional[Tensor]:
+        return self.optimizer.state.get(param, {}).get("momentum_buffer")
+
+    def _adopt_momentum(self) -> None:
+        """Put every momentum buffer into the flat momentum (zeros where a parameter has none yet) and point the
+        optimizer's state at the views."""
+        assert self.layout is not None
+        if self.flat_momentum is None:
+            self.flat_momentum = torch.zeros_like(self.flat)
+        for p, view in zip(self.params, self._views(self.flat_momentum)):
+            buffer = self._momentum(p)
+            if buffer is not None and buffer.data_ptr() != view.data_ptr():
+                view.copy_(buffer)
+                self.optimizer.state[p]["momentum_buffer"] = view
+
+    @torch.no_grad()
+    def pseudo_gradient_into(self, flat: Tensor, bucket: FlatBucket) -> None:
+        """Write this worker's pseudo-gradient ``global - local`` of ``bucket``'s parameters into ``flat`` (a buffer of
+        the sync, at the bucket's offsets; its padding is left as it is)."""
+        segments = bucket.bucket.segments
+        locals_ = [local(self.locals[i]).detach().reshape(-1) for i in bucket.params]
+        if locals_ and locals_[0].device != flat.device:  # a CUDA model, a sync on the CPU: one staged transfer
+            staging = self._staging(bucket.numel, flat.device)
+            for segment, tensor in zip(segments, locals_):
+                staging[segment.offset : segment.offset + segment.numel].copy_(tensor, non_blocking=True)
+            torch.cuda.current_stream(locals_[0].device).synchronize()
+            locals_ = [staging[s.offset : s.offset + s.numel] for s in segments]
+        for segment, i, tensor in zip(segments, bucket.params, locals_):
+            out = flat[segment.offset : segment.offset + segment.numel]
+            torch.sub(self.params[i].reshape(-1).to(flat.device, non_blocking=True), tensor, out=out)
+
+    def _staging(self, numel: int, device: torch.device) -> Tensor:
+        """A reused fp32 buffer of at least ``numel`` elements on ``device`` (pinned on the CPU, for transfers from and
+        to a CUDA model): one bucket, whatever the model's size."""
+        buffer = self._staged.get(device)
+        if buffer is None or buffer.numel() < numel:
+            pin = device.type == "cpu" and torch.cuda.is_available()
+            buffer = self._staged[device] = torch.empty(numel, dtype=torch.float32, device=device, pin_memory=pin)
+        return buffer[:numel]
+
+    def locals_finite(self, indices: Sequence[int]) -> bool:
+        """Whether the local weights of ``indices`` are all finite (the global ones are: so is then ``global -
+        local``). A sum of finite values is finite unless it overflows, and a NaN or infinity makes it non-finite:
+        one fast reduction per tensor decides, and the element-wise test runs only when a sum is not finite."""
+        tensors = [local(self.locals[i]).detach() for i in indices]
+        if not tensors or bool(torch.stack([torch.sum(t, dtype=torch.float32) for t in tensors]).isfinite().all()):
+            return True
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+    @torch.no_grad()
+    def begin_step(self) -> None:
+        """Before the buckets of one outer step: the momentum of this outer step, from the schedule."""
+        self._scheduled = None if self.momentum is None else self._set_momentum(float(self.momentum(self.outer_step)))
+
+    @torch.no_grad()
+    def step_bucket(self, bucket: FlatBucket, total: Tensor, divisor: float) -> float:
+        """The outer step of ``bucket``'s parameters with the workers' mean pseudo-gradient ``total / divisor``
+        (``total`` is the bucket's buffer, overwritten), then the copy of the new global weights into the module;
+        returns the mean's squared norm."""
+        mean = total[: bucket.numel]
+        if mean.device != self.device:  # the sync and the global state on different devices
+            source = mean
+            mean = self._staging(bucket.numel, self.device).copy_(source, non_blocking=True)
+            if source.is_cuda:
+                torch.cuda.current_stream(source.device).synchronize()
+        group = fast_sgd(self.optimizer)
+        if group is None or self.flat is None:
+            mean.div_(divisor)
+            views = [mean[s.offset : s.offset + s.numel] for s in bucket.bucket.segments]
+            squared = float(sum(torch.dot(v, v) for v in views)) if views else 0.0
+            self._optimizer_step(views, bucket.params)
+            self.copy_bucket_to(bucket)
+            return squared
+        lr, mu, nesterov = float(group["lr"]), float(group["momentum"]), bool(group["nesterov"])
+        keep = mu != 0 or self._scheduled is not None
+        params = [self.params[i] for i in bucket.params]
+        started = [self._momentum(p) is not None for p in params]
+        if keep:
+            self._adopt_momentum()
+        momentum = self.flat_momentum if keep else None
+        squared = 0.0
+        if any(started) and not all(started):  # parameters that joined later: their first step, one by one
+            for segment, first in zip(bucket.bucket.segments, started):
+                piece = slice(bucket.start + segment.offset, bucket.start + segment.offset + segment.numel)
+                squared += nesterov_(self.flat[piece], None if momentum is None else momentum[piece],
+                                     mean[segment.offset : segment.offset + segment.numel], lr, mu, nesterov,
+                                     not first, divisor)
+            self.copy_bucket_to(bucket)
+        else:
+            whole = slice(bucket.start, bucket.start + bucket.numel)
+            copy = self._piece_copier(bucket)
+            squared = nesterov_(self.flat[whole], None if momentum is None else momentum[whole], mean, lr, mu,
+                                nesterov, not any(started), divisor, copy)
+            if copy is None:
+                self.copy_bucket_to(bucket)
+        if keep:
+            assert self.flat_momentum is not None
+            views = self._views(self.flat_momentum)
+            for i in bucket.params:
+                self.optimizer.state[self.params[i]]["momentum_buffer"] = views[i]
+        return squared
+
+    def _piece_copier(self, bucket: FlatBucket) -> Optional[Callable[[int, int], None]]:
+        """Copies a piece of ``bucket``'s new global weights into the module's parameters while it is in cache; ``None``
+        where the module is on another device (its copy then goes in one transfer per parameter)."""
+        assert self.flat is not None
+        targets = [local(self.locals[i]).detach() for i in bucket.params]
+        if any(t.device != self.device or not t.is_contiguous() for t in targets):
+            return None
+        segments = [(s.offset, s.offset + s.numel, t.view(-1)) for s, t in zip(bucket.bucket.segments, targets)]
+        flat = self.flat[bucket.start : bucket.start + bucket.numel]
+
+        def copy(begin: int, end: int) -> None:
+            for lo, hi, target in segments:
+                if lo < end and hi > begin:
+                    a, b = max(lo, begin), min(hi, end)
+                    target[a - lo : b - lo].copy_(flat[a:b])
+
+        return copy
+
+    def finish_step(self) -> None:
+        """After the buckets of one outer step: the learning-rate schedule, and the count."""
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.outer_step += 1
+
+    @torch.no_grad()
+    def copy_bucket_to(self, bucket: FlatBucket) -> None:
+        """Move the local weights of ``bucket``'s parameters to the global ones (one ``foreach`` copy)."""
+        targets = [local(self.locals[i]) for i in bucket.params]
+        sources = [self.params[i].detach() for i in bucket.params]
+        if all(t.device == self.device for t in targets):
+            torch._foreach_copy_(targets, sources)
+        else:  # from the (pinned) global weights on the CPU to a CUDA model, without waiting
+            for target, source in zip(targets, sources):
+                target.copy_(source, non_blocking=True)
+
+    @torch.no_grad()
     def pseudo_gradients(self, device: torch.device, indices: Optional[Sequence[int]] = None) -> list[Tensor]:
         """This worker's pseudo-gradient ``global - local`` (fp32 or wider, on ``device``).
 
@@ -185,17 +358,18 @@ class OuterState:
 
         """
         indices = range(len(self.params)) if indices is None else indices
-        for i, delta in zip(indices, mean_pseudo_gradients):
-            self.params[i].grad = delta.to(self.device, self.params[i].dtype)
-        momentum = None if self.momentum is None else self._set_momentum(float(self.momentum(self.outer_step)))
+        self.begin_step()
+        self._optimizer_step(mean_pseudo_gradients, indices)
+        self.finish_step()
+
+    def _optimizer_step(self, gradients: Sequence[Tensor], indices: Sequence[int]) -> None:
+        for i, delta in zip(indices, gradients):
+            self.params[i].grad = delta.to(self.device, self.params[i].dtype).view(self.params[i].shape)
         self.optimizer.step()
-        if momentum == 0.0:  # SGD skips its buffer at momentum 0; by its formula the buffer is then the gradient
+        if self._scheduled == 0.0:  # SGD skips its buffer at momentum 0; by its formula the buffer is then the gradient
             for i in indices:
                 self.optimizer.state[self.params[i]]["momentum_buffer"] = self.params[i].grad.clone()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.scheduler is not None:
-            self.scheduler.step()
-        self.outer_step += 1
 
     def _set_momentum(self, momentum: float) -> float:
         if not 0 <= momentum < 1:

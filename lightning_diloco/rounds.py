@@ -31,8 +31,10 @@ from torch import Tensor
 from torch.nn import Module
 
 from lightning_diloco.census import Census, OuterSyncError
-from lightning_diloco.collectives import CommStats
+from lightning_diloco.collectives import BucketAverager, CommStats
 from lightning_diloco.config import DiLoCoConfig
+from lightning_diloco.compression import get_compressor
+from lightning_diloco.flat import FlatBucket, FlatLayout
 from lightning_diloco.fragments import Fragment, make_fragments
 from lightning_diloco.islands import Fork, IslandsError, Quorum, fingerprint
 from lightning_diloco.outer import OuterState, float_buffers
@@ -128,14 +130,21 @@ class Rounds:
         self._report, self._restart_inner, self._warn, self._inform = report, restart_inner, warn, inform
         self.fragments = self._make_fragments()
         self.step = 0  # inner steps taken under DiLoCo
+        self.broken: Optional[BaseException] = None  # a sync that failed after it had moved part of the global state
+        self._buffer: Optional[Tensor] = None  # see `_sync_buffer`
         self.pending: deque[Sync] = deque()
         self.warned_short_overlap = False
         self.quorum: Optional[Quorum] = workers.quorum  # islands mode
 
     def _make_fragments(self, last_sync: Optional[Sequence[int]] = None) -> list[Fragment]:
+        """The fragments, and the flat layout of the global state that follows their buckets."""
         numels = [p.numel() for p in self.outer.locals]
         c = self.config
-        return make_fragments(numels, c.num_fragments, c.inner_steps, c.error_feedback, last_sync)
+        fragments = make_fragments(numels, c.num_fragments, c.inner_steps, c.error_feedback, last_sync)
+        alignment = get_compressor(c.compression).block_size
+        self.outer.arrange(FlatLayout([f.params for f in fragments], [p.numel() for p in self.outer.params],
+                                      alignment, c.outer_bucket_cap_mb))
+        return fragments
 
     # -- the loop --------------------------------------------------------------------------------------------------
 
@@ -151,12 +160,17 @@ class Rounds:
     def start(self, fragment: Fragment, blocking: bool = False) -> None:
         """Algorithm 1, lines 9-10: this worker's pseudo-gradient, then its mean over the workers present."""
         self.follow_module()
+        overlap = 0 if blocking else self.config.overlap_steps
+        averager = None if overlap or self.quorum is not None or self.outer.flat is None else (
+            self.workers.bucket_averager(self.config.compression, self.device))
+        if averager is not None:
+            self._stream(fragment, averager)
+            return
         deltas = self.outer.pseudo_gradients(self.device, fragment.params)  # line 9
         buffers = {}
         if fragment.carries_buffers:
             buffers = {n: b.detach().to(self.device, torch.float32, copy=True) for n, b in float_buffers(self.module)}
         row = self.census.row(deltas)  # read now: the step counters move on while a sync is in flight
-        overlap = 0 if blocking else self.config.overlap_steps
         sync = Sync(fragment, self.step, self.step + overlap, deltas, buffers)
         if overlap:  # line 10 on the sync thread, the census included: nothing waits for it here
             assert self._executor is not None
@@ -170,8 +184,8 @@ class Rounds:
             self._average(sync, row)  # line 10
             self.land(sync)
 
-    def _average(self, sync: Sync, row: Tensor) -> None:
-        """The census, then the shared mean of ``sync``'s pseudo-gradients and buffers, in place."""
+    def _take_census(self, sync: Sync, row: Tensor) -> None:
+        """Every worker's row of the census, and from them every worker's share in ``sync``'s mean."""
         started = time.perf_counter()
         try:
             table = self.workers.gather_rows(row)
@@ -179,6 +193,10 @@ class Rounds:
             raise self._failed(sync, err, in_census=True) from err
         sync.shares = self.census.shares(table, sync.started)
         sync.exchange_seconds = time.perf_counter() - started
+
+    def _average(self, sync: Sync, row: Tensor) -> None:
+        """The census, then the shared mean of ``sync``'s pseudo-gradients and buffers, in place."""
+        self._take_census(sync, row)
         try:
             share, total = sync.shares[self.workers.index], sum(sync.shares)
             if share == 0:
@@ -200,6 +218,73 @@ class Rounds:
             raise self._failed(sync, err) from err
         sync.stats, sync.state = stats, SyncState.AVERAGED
 
+    @torch.no_grad()
+    def _stream(self, fragment: Fragment, averager: BucketAverager) -> None:
+        """Algorithm 1, lines 9-12, for a blocking sync, one bucket at a time: this worker's pseudo-gradient written
+        into the bucket, its mean, the outer step of the bucket's range of the flat global state, and the copy back.
+
+        The census comes first, from the finiteness of the local weights (the global ones are finite, so then is
+        ``global - local``), so that a bucket leaves as soon as it is written: the sync holds one bucket at a time
+        beyond the global state. A failure after the first bucket moved the global state leaves :attr:`broken` set:
+        no checkpoint is written from that state.
+        """
+        c, outer = self.config, self.outer
+        assert outer.layout is not None
+        row = self.census.row([], finite=outer.locals_finite(fragment.params))
+        buffers = {}
+        if fragment.carries_buffers:
+            buffers = {n: b.detach().to(self.device, torch.float32, copy=True) for n, b in float_buffers(self.module)}
+        sync = Sync(fragment, self.step, self.step, [], buffers)
+        self._take_census(sync, row)
+        share, total = sync.shares[self.workers.index], sum(sync.shares)
+        healthy = sum(1 for s in sync.shares if s > 0)
+        if healthy:
+            outer.begin_step()
+        squared = 0.0
+        moved = False
+        try:
+            for bucket in outer.layout.buckets(fragment.index):
+                flat = self._sync_buffer(averager.length(bucket.bucket))
+                _zero_padding(flat, bucket)
+                if share:
+                    outer.pseudo_gradient_into(flat, bucket)  # line 9
+                    if share != 1:
+                        flat.mul_(share)
+                else:
+                    flat.zero_()  # a dropped worker sends exact zeros
+                summed = averager.sum(flat, bucket.bucket, fragment.feedback if share else None)  # line 10
+                moved = True
+                if healthy:
+                    squared += outer.step_bucket(bucket, summed, max(total, 1e-12))  # lines 11 and 12
+                else:
+                    outer.copy_bucket_to(bucket)  # line 12
+                del summed
+            stats = averager.stats
+            if buffers:
+                stats = stats + self.workers.average_buffers_(
+                    list(buffers.values()), c.outer_bucket_cap_mb, float(share > 0), max(float(healthy), 1.0)
+                )
+        except RuntimeError as err:
+            if moved:
+                self.broken = err
+            raise self._failed(sync, err) from err
+        if healthy:
+            outer.finish_step()
+            if buffers:
+                outer.set_buffers(buffers)
+        if buffers:
+            outer.copy_to(self.module, [], buffers=True)
+        sync.stats, sync.state, sync.norm_squared = stats, SyncState.AVERAGED, squared
+        self._landed(sync, 0.0, healthy)
+
+    def _sync_buffer(self, numel: int) -> Tensor:
+        """The buffer a blocking sync writes each bucket into: one, as long as the longest bucket, kept from sync to
+        sync (a new one per bucket would have its pages faulted in anew at every outer step on the CPU)."""
+        if self._buffer is None or self._buffer.numel() < numel:
+            self._buffer = None
+            self._buffer = torch.empty(numel, dtype=torch.float32, device=self.device)
+        return self._buffer[:numel]
+
     def land(self, sync: Sync) -> None:
         """Algorithm 1, lines 11-12: the outer step of the global weights, and this worker restarts from them."""
         waited = time.perf_counter()
@@ -217,10 +302,14 @@ class Rounds:
         # an overlapped sync mixes; one with no inner step since it started holds all local progress, so lands whole
         mixing = self.config.overlap_mixing if sync.overlapped and self.step > sync.started and mine else 0.0
         self.outer.copy_to(self.module, fragment.params, mixing, buffers=bool(sync.buffers))  # line 12
-        if not mine and not sync.healed:
+        self._landed(sync, blocked, healthy)
+
+    def _landed(self, sync: Sync, blocked: float, healthy: int) -> None:
+        """After a sync reached the weights: a dropped worker's restart, the round's bookkeeping and the metrics."""
+        if sync.shares[self.workers.index] == 0 and not sync.healed:
             self._restart_inner()
-        fragment.last_sync = sync.started
-        if fragment.carries_buffers:
+        sync.fragment.last_sync = sync.started
+        if sync.fragment.carries_buffers:
             self.census.next_round(self.workers.index)
         self._report(Landed(sync, self.outer.outer_step, blocked, healthy))
 
@@ -427,6 +516,15 @@ class Rounds:
                  list(p.get("shares", p.get("weights", []))))
             for p in state["pending"]
         )
+
+
+def _zero_padding(flat: Tensor, bucket: FlatBucket) -> None:
+    """Zero the elements of a sync's bucket buffer that no parameter writes (alignment and chunk padding)."""
+    end = 0
+    for segment in bucket.bucket.segments:
+        flat[end : segment.offset].zero_()
+        end = segment.offset + segment.numel
+    flat[end:].zero_()
 
 
 def outer_step_metrics(landed: Landed, sum_in_worker: Callable[[float], float] = float) -> dict[str, float]:

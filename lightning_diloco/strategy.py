@@ -719,6 +719,12 @@ class DiLoCoStrategy(DDPStrategy):
         of weights only are single files, as Lightning writes them.
         """
         if self._fitting and "optimizer_states" in checkpoint and self.rounds is not None:
+            if self.rounds.broken is not None:
+                raise RuntimeError(
+                    f"Not writing {filepath}: an outer step failed after it had updated part of the global weights"
+                    f" ({self.rounds.broken}), so the state in memory is no checkpoint of any step. The last complete"
+                    " checkpoint is untouched: restart from it."
+                )
             self._save_directory(checkpoint, filepath)
             return
         if self._fitting and "optimizer_states" in checkpoint:  # the synchronous warm-up: every worker holds the same

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn import Module
 
-from lightning_diloco.collectives import CommStats, average_
+from lightning_diloco.collectives import BucketAverager, CommStats, average_
 from lightning_diloco.compression import ErrorFeedback
 from lightning_diloco.topology import Topology
 
@@ -60,6 +60,11 @@ class Workers(ABC):
     @abstractmethod
     def average_buffers_(self, buffers: list[Tensor], bucket_cap_mb: float, share: float, total: float) -> CommStats:
         """:meth:`average_` for floating-point buffers (uncompressed), from identical values within a worker."""
+
+    def bucket_averager(self, compression: str, device: torch.device) -> Optional[BucketAverager]:
+        """:meth:`average_` one bucket at a time, for workers whose processes hold whole tensors (``None`` where a
+        worker's processes share the work of a sync)."""
+        return None
 
     @abstractmethod
     def broadcast_(self, tensors: list[Tensor]) -> None:
@@ -114,6 +119,11 @@ class ProcessGroupWorkers(Workers):
         table[:, 0] = every[:, 0].view(-1, g).min(dim=1).values
         table[:, 1] = every[:, 1].view(-1, g).max(dim=1).values
         return table
+
+    def bucket_averager(self, compression: str, device: torch.device) -> Optional[BucketAverager]:
+        if self.topology.processes_per_worker > 1:
+            return None
+        return BucketAverager(compression, self.topology.outer, device)
 
     def average_(
         self, tensors: list[Tensor], compression: str, bucket_cap_mb: float, share: float, total: float,

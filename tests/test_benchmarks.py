@@ -234,3 +234,19 @@ def test_gpu_check_distance_is_relative_to_the_training_movement():
     assert relative_distance(trained, trained, start) == 0
     assert relative_distance(start, trained, start) == 1  # did not train at all
     assert relative_distance({"w": torch.full((4,), 1.1), "step": torch.tensor(3)}, trained, start) == pytest.approx(0.1)
+
+
+def test_outer_step_benchmark_holds_one_bucket_and_matches_torchft_bitwise(tmp_path):
+    """The outer step of the tiny GPT with 256 KiB buckets: no temporaries beyond the one sync buffer it keeps (at
+    most one bucket); and one side-by-side run with torchft's DiLoCo ending on bitwise equal weights."""
+    report = tmp_path / "outer.json"
+    run_benchmark("outer_step", "--sizes", "tiny", "--repeats", "2", "--bucket-cap-mb", "0.25", "--pairs", "1",
+                  "--json", str(report))
+    result = json.loads(report.read_text())
+    (tiny,) = result["bound"]
+    bucket = 0.25 * 2**20
+    assert tiny["parameters"] == 869_248 and tiny["median"] > 0 and tiny["bound"] > 0
+    assert tiny["temporary_bytes"] <= 0.5 * bucket  # the page-granular peak of the last step
+    largest = max(p * 4 for p in (2048 * 128, 128 * 128 * 4))  # the embedding, the MLP's matrices: buckets of their own
+    assert bucket <= tiny["kept_bytes"] <= largest
+    assert result["torchft"]["equal"], result["torchft"]

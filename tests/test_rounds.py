@@ -1,6 +1,7 @@
 """The round loop (lightning_diloco/rounds.py) without a Trainer: one worker, its outer steps against the formulas."""
 
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any, Optional
 
 import pytest
@@ -173,3 +174,49 @@ def test_closing_a_saved_round_steps_with_the_mean_of_the_saved_workers():
         torch.testing.assert_close(p.detach(), e, rtol=0, atol=1e-6)
     buffers = torch.stack([w["1.running_mean"] for w in saved]).mean(dim=0)
     torch.testing.assert_close(loop.module[1].running_mean, buffers)
+
+
+def test_another_outer_optimizer_steps_the_flat_global_weights_as_on_separate_tensors():
+    """Adam as the outer optimizer: the round loop (flat global state, several buckets per sync) against torch's Adam
+    on separate copies of the parameters, given the same pseudo-gradients; bit for bit."""
+    loop = Loop(inner_steps=2, outer_optimizer=partial(torch.optim.Adam, lr=0.01), outer_bucket_cap_mb=1e-4)
+    assert loop.rounds.outer.flat is not None and len(loop.rounds.outer.layout.buckets(0)) > 1
+    copies = [nn.Parameter(p.clone()) for p in loop.params()]
+    adam = torch.optim.Adam(copies, lr=0.01)
+    for round_ in range(3):
+        torch.manual_seed(100 + round_)
+        for _ in range(2):
+            loop.inner_step()
+        torch.manual_seed(100 + round_)  # the same noise, on copies of the global weights
+        local = [c.detach().clone() for c in copies]
+        for _ in range(2):
+            for tensor in local:
+                tensor.add_(torch.randn_like(tensor) * 0.01)
+        for copy, tensor in zip(copies, local):
+            copy.grad = copy.detach() - tensor
+        adam.step()
+        for p, copy in zip(loop.module.parameters(), copies):
+            assert torch.equal(p.detach(), copy.detach())
+
+
+def test_a_sync_that_fails_after_moving_part_of_the_global_state_forbids_checkpoints():
+    class FailsOnSecondBucket:
+        def __init__(self, averager):
+            self.averager, self.calls = averager, 0
+
+        def __getattr__(self, name):
+            return getattr(self.averager, name)
+
+        def sum(self, *args, **kwargs):
+            self.calls += 1
+            if self.calls == 2:
+                raise RuntimeError("connection reset by peer")
+            return self.averager.sum(*args, **kwargs)
+
+    loop = Loop(inner_steps=1, outer_bucket_cap_mb=1e-4)
+    workers = loop.rounds.workers
+    original = workers.bucket_averager
+    workers.bucket_averager = lambda *args: FailsOnSecondBucket(original(*args))
+    with pytest.raises(OuterSyncError, match="connection reset by peer"):
+        loop.inner_step()
+    assert isinstance(loop.rounds.broken, RuntimeError)
