@@ -37,6 +37,7 @@ from typing_extensions import override
 
 from lightning_diloco import advice, checkpoint_dir, checkpointing
 from lightning_diloco.census import Census, OuterSyncError
+from lightning_diloco.clean_exit import close_at_exit
 from lightning_diloco.checkpoint_io import AtomicCheckpointIO
 from lightning_diloco.elastic import attempt_store
 from lightning_diloco.islands import IslandOptions, IslandWorkers, Quorum
@@ -671,6 +672,7 @@ class DiLoCoStrategy(DDPStrategy):
             self._executor = None
         if self.topology is not None and not (self.rounds is not None and self.rounds.pending):
             self.topology.release(keep_intra=self._sharded)
+            close_at_exit()  # nothing in flight: at exit, every group goes before the interpreter does (exit code 0)
         super().teardown()
 
     # ------------------------------------------------------------------------------------------------------------

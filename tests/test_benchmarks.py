@@ -150,7 +150,8 @@ def test_islands_benchmark_fails_over_heals_and_counts_lost_work(tmp_path):
     lost is the killed island's open round against the one-world roll-back of every worker."""
     pytest.importorskip("torchft")
     report_file = tmp_path / "islands.json"
-    proc = run_benchmark("islands", "--quick", "--out", str(tmp_path / "jobs"), "--json", str(report_file))
+    proc = run_benchmark("islands", "--quick", "--heal-params", "10000", "--overhead-rounds", "4", "--out",
+                         str(tmp_path / "jobs"), "--json", str(report_file))
     assert proc.returncode == 0
     summary = dict(line.split(": ", 1) for line in proc.stdout.split("\nsummary\n", 1)[1].splitlines() if ": " in line)
     assert 0.0 < float(summary["failover_seconds"]) < 30.0
