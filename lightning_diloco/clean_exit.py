@@ -18,6 +18,7 @@ the interpreter's exit (:func:`close_at_exit`), before finalization, so a user's
 import atexit
 import gc
 import os
+import warnings
 
 import torch.distributed as dist
 
@@ -48,9 +49,11 @@ def _forget_meshes() -> None:
     meshes (and with them their groups) alive after the model is gone."""
     from torch.distributed.device_mesh import DeviceMesh
 
-    for obj in gc.get_objects():
-        if isinstance(obj, DeviceMesh) and isinstance(getattr(obj, "_pg_registry", None), dict):
-            obj._pg_registry.clear()
+    with warnings.catch_warnings():  # isinstance on some of torch's deprecated objects warns
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            if isinstance(obj, DeviceMesh) and isinstance(getattr(obj, "_pg_registry", None), dict):
+                obj._pg_registry.clear()
 
 
 def close_process_groups(strict: bool = True) -> list[str]:

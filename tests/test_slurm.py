@@ -106,16 +106,20 @@ def test_the_documented_sbatch_script_requeued_or_cancelled_resumes_bitwise(clus
     run(["scontrol", "requeue", requeued])
     reached_epoch_1("cancelled")
     run(["scancel", cancelled])
-    submit("plain", epochs, wait=True)
     wait_for(lambda: job_state(requeued) == "PENDING", 60, "the requeued job to be pending")
     run(["scontrol", "update", f"jobid={requeued}", "StartTime=now"])  # requeued jobs wait two minutes otherwise
     wait_for(lambda: job_state(cancelled) in ("CANCELLED", "GONE"), 60, "the job to be cancelled")
+    tasks = ["pgrep", "-f", "--", f"--out {tmp_path / 'cancelled'} "]
+    wait_for(lambda: subprocess.run(tasks, capture_output=True).returncode != 0, 60, "the cancelled tasks to end")
     assert not (tmp_path / "cancelled" / "rank0.pt").exists()  # stopped before its end
-    run(["srun", "-N1", "--ntasks-per-node=2", "python", str(TRAIN), "--out", str(tmp_path / "cancelled"),
-         "--epochs", epochs])
-    wait_for(lambda: job_state(requeued) in ("COMPLETED", "FAILED", "GONE"), 240, "the requeued job to end")
-    log = (tmp_path / "requeued.out").read_text()
-    assert job_state(requeued) in ("COMPLETED", "GONE") and log.count("Restored all states") == 1, log[-3000:]
+    resumed = submit("cancelled", epochs)  # the same script again, on what the cancelled job left
+    submit("plain", epochs, wait=True)
+    for job in (requeued, resumed):
+        wait_for(lambda: job_state(job) in ("COMPLETED", "FAILED", "GONE"), 240, f"job {job} to end")
+        assert job_state(job) in ("COMPLETED", "GONE")
+    for name in ("requeued", "cancelled"):
+        log = (tmp_path / f"{name}.out").read_text()
+        assert log.count("Restored all states") == 1, log[-3000:]
     plain = weights(tmp_path / "plain")
     for name in ("requeued", "cancelled"):
         resumed = weights(tmp_path / name)
