@@ -8,7 +8,7 @@ for the next round: about ``H * its speed / the fastest speed`` computed steps, 
 This module holds all of ``speed_weighted``.
 """
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -16,6 +16,11 @@ from torch import Tensor
 
 class OuterSyncError(RuntimeError):
     """An outer step could not complete: a peer died or stalled, or every worker's pseudo-gradient was not finite."""
+
+
+def all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every element of ``tensors`` is finite."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 class Census:
@@ -48,11 +53,9 @@ class Census:
         self.computed += 1
         self.compute_seconds += seconds
 
-    def row(self, deltas: list[Tensor], finite: Optional[bool] = None) -> Tensor:
-        """This worker's report: its share in the mean (0 if its pseudo-gradient ``deltas`` is not ``finite``, which
-        is read from them if not given), and its seconds per step."""
-        if finite is None:
-            finite = all(bool(torch.isfinite(d).all()) for d in deltas)
+    def row(self, finite: bool) -> Tensor:
+        """This worker's report: its share in the mean (0 if its pseudo-gradient is not ``finite``), and its seconds
+        per step."""
         share = float(self.computed) if self.speed_weighted else 1.0
         seconds_per_step = self.compute_seconds / max(self.computed, 1)
         return torch.tensor([share if finite else 0.0, seconds_per_step], dtype=torch.float64)

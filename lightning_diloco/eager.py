@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_diloco.census import all_finite
 from lightning_diloco.fragments import Fragment
 from lightning_diloco.outer import float_buffers
 from lightning_diloco.rounds import Landed, Rounds, Sync
@@ -53,7 +54,7 @@ class EagerRounds(Rounds):
         buffers = {}
         if fragment.carries_buffers:
             buffers = {n: b.detach().to(self.device, torch.float32, copy=True) for n, b in float_buffers(self.module)}
-        row = self.census.row(deltas)
+        row = self.census.row(all_finite(deltas))
         healthy = bool(row[0] > 0)
         arrived = self._arrivals(fragment, every=blocking)
         lands_at = self.step + (0 if blocking else self.config.eager_rounds * self.config.inner_steps)

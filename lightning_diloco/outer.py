@@ -21,6 +21,7 @@ from torch.nn import Module, Parameter
 from torch.optim import SGD, Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from lightning_diloco.census import all_finite
 from lightning_diloco.flat import FlatBucket, FlatLayout, fast_sgd, nesterov_
 from lightning_diloco.sharding import local, to_global
 
@@ -243,7 +244,7 @@ class OuterState:
         tensors = [local(self.locals[i]).detach() for i in indices]
         if not tensors or bool(torch.stack([torch.sum(t, dtype=torch.float32) for t in tensors]).isfinite().all()):
             return True
-        return all(bool(torch.isfinite(t).all()) for t in tensors)
+        return all_finite(tensors)
 
     @torch.no_grad()
     def begin_step(self) -> None:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from lightning_diloco.census import Census, OuterSyncError
+from lightning_diloco.census import Census, OuterSyncError, all_finite
 from lightning_diloco.collectives import BucketAverager, CommStats
 from lightning_diloco.config import DiLoCoConfig
 from lightning_diloco.compression import get_compressor
@@ -170,7 +170,7 @@ class Rounds:
         buffers = {}
         if fragment.carries_buffers:
             buffers = {n: b.detach().to(self.device, torch.float32, copy=True) for n, b in float_buffers(self.module)}
-        row = self.census.row(deltas)  # read now: the step counters move on while a sync is in flight
+        row = self.census.row(all_finite(deltas))  # read now: the step counters move on while a sync is in flight
         sync = Sync(fragment, self.step, self.step + overlap, deltas, buffers)
         if overlap:  # line 10 on the sync thread, the census included: nothing waits for it here
             assert self._executor is not None
@@ -230,7 +230,7 @@ class Rounds:
         """
         c, outer = self.config, self.outer
         assert outer.layout is not None
-        row = self.census.row([], finite=outer.locals_finite(fragment.params))
+        row = self.census.row(outer.locals_finite(fragment.params))
         buffers = {}
         if fragment.carries_buffers:
             buffers = {n: b.detach().to(self.device, torch.float32, copy=True) for n, b in float_buffers(self.module)}

@@ -16,7 +16,7 @@ from torch import Tensor, nn  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from torch.nn.utils import parametrize  # noqa: E402
 
-from clean_exit import close_process_groups  # noqa: E402
+from lightning_diloco.clean_exit import close_process_groups  # noqa: E402
 import lightning_diloco  # noqa: E402, F401
 from helpers.toy import ToyModule, loaders  # noqa: E402
 from lightning_diloco import DiLoCoStrategy  # noqa: E402

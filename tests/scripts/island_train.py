@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
-from clean_exit import close_process_groups  # noqa: E402
+from lightning_diloco.clean_exit import close_process_groups  # noqa: E402
 from helpers.toy import ToyData, ToyModule  # noqa: E402
 from lightning_diloco import DiLoCoStrategy  # noqa: E402
 from lightning_diloco.islands import Quorum, fingerprint  # noqa: E402

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from clean_exit import close_process_groups  # noqa: E402
+from lightning_diloco.clean_exit import close_process_groups  # noqa: E402
 from lightning_diloco.collectives import average_  # noqa: E402
 from lightning_diloco.topology import build_topology  # noqa: E402
 from lightning_diloco.workers import ProcessGroupWorkers  # noqa: E402

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
-from clean_exit import close_process_groups  # noqa: E402
+from lightning_diloco.clean_exit import close_process_groups  # noqa: E402
 from helpers.toy import ToyModule, loaders  # noqa: E402
 from lightning_diloco import DiLoCoStrategy  # noqa: E402
 

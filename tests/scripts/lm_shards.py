@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from clean_exit import close_process_groups
+from lightning_diloco.clean_exit import close_process_groups
 import lightning_diloco  # noqa: F401  (registers strategy="diloco")
 from lightning_diloco.data import LMDataModule
 

@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from benchmarks.sharding_job import reset_peak, status  # noqa: E402
-from clean_exit import close_process_groups  # noqa: E402
+from lightning_diloco.clean_exit import close_process_groups  # noqa: E402
 from lightning_diloco import DiLoCoStrategy  # noqa: E402
 
 

@@ -13,7 +13,7 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
-from clean_exit import close_process_groups  # noqa: E402
+from lightning_diloco.clean_exit import close_process_groups  # noqa: E402
 import lightning_diloco  # noqa: E402, F401
 from helpers.toy import ToyModule, loaders  # noqa: E402
 from lightning_diloco import DiLoCoStrategy  # noqa: E402
