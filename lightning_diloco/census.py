@@ -2,7 +2,8 @@
 
 Before the pseudo-gradients are averaged, every worker reports one row: its share in the mean (0 if its
 pseudo-gradient is not finite; else 1, or with ``speed_weighted`` the steps it computed this round) and its measured
-seconds per step. The shares decide the mean (``sum share * delta / sum share``); a worker with share 0 is dropped
+seconds per step, and whether it asks every worker for a checkpoint after this outer step (SLURM's requeue signal,
+:mod:`lightning_diloco.signals`). The shares decide the mean (``sum share * delta / sum share``); a worker with share 0 is dropped
 from that outer step and restarts from the global weights. With ``speed_weighted`` the speeds set each worker's budget
 for the next round: about ``H * its speed / the fastest speed`` computed steps, so fast workers do not wait at syncs.
 This module holds all of ``speed_weighted``.
@@ -31,14 +32,21 @@ class Census:
         speed_weighted: shares are the steps computed, and slow workers get smaller budgets.
         nonfinite: ``"skip"`` drops workers whose pseudo-gradient is not finite, ``"raise"`` stops.
         warn: how a dropped worker is reported (rank zero's warning).
+        checkpoint_asked: whether this worker asks for a checkpoint after the next outer step.
 
     """
 
-    def __init__(self, inner_steps: int, speed_weighted: bool, nonfinite: str, warn: Callable[[str], None]) -> None:
+    COLUMNS = 3  # share, seconds per step, checkpoint asked
+
+    def __init__(
+        self, inner_steps: int, speed_weighted: bool, nonfinite: str, warn: Callable[[str], None],
+        checkpoint_asked: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.inner_steps = inner_steps
         self.speed_weighted = speed_weighted
         self.nonfinite = nonfinite
         self._warn = warn
+        self._checkpoint_asked = checkpoint_asked
         self.budget = inner_steps  # steps this worker computes in the current round
         self.computed = 0  # steps it computed so far in this round
         self.compute_seconds = 0.0
@@ -54,11 +62,22 @@ class Census:
         self.compute_seconds += seconds
 
     def row(self, finite: bool) -> Tensor:
-        """This worker's report: its share in the mean (0 if its pseudo-gradient is not ``finite``), and its seconds
-        per step."""
+        """This worker's report: its share in the mean (0 if its pseudo-gradient is not ``finite``), its seconds
+        per step, and whether it asks for a checkpoint."""
         share = float(self.computed) if self.speed_weighted else 1.0
         seconds_per_step = self.compute_seconds / max(self.computed, 1)
-        return torch.tensor([share if finite else 0.0, seconds_per_step], dtype=torch.float64)
+        asked = float(self._checkpoint_asked())
+        return torch.tensor([share if finite else 0.0, seconds_per_step, asked], dtype=torch.float64)
+
+    @classmethod
+    def blank_row(cls) -> Tensor:
+        """The row of a worker with nothing to report (an island that heals in this outer step)."""
+        return torch.zeros(cls.COLUMNS, dtype=torch.float64)
+
+    @staticmethod
+    def checkpoint_agreed(table: Tensor) -> bool:
+        """Whether any worker asked for a checkpoint after this outer step (then every worker writes one)."""
+        return bool((table[:, 2] > 0).any())
 
     def shares(self, table: Tensor, step: int) -> list[float]:
         """Every worker's share in the mean, from the table of everyone's rows (outer step started at ``step``).

@@ -80,6 +80,7 @@ class Sync:
     own: Optional[list[Tensor]] = None  # eager updates: the part of `deltas` this worker applied already
     blocked_seconds: float = 0.0  # how long the training loop waited for it
     norm_squared: Optional[float] = None  # of the mean, where `deltas` no longer holds it (eager updates)
+    checkpoint: bool = False  # a worker asked the census for a checkpoint when this outer step lands
 
     @property
     def overlapped(self) -> bool:
@@ -192,6 +193,7 @@ class Rounds:
         except RuntimeError as err:
             raise self._failed(sync, err, in_census=True) from err
         sync.shares = self.census.shares(table, sync.started)
+        sync.checkpoint = Census.checkpoint_agreed(table)
         sync.exchange_seconds = time.perf_counter() - started
 
     def _average(self, sync: Sync, row: Tensor) -> None:
@@ -318,7 +320,7 @@ class Rounds:
     def join(self) -> None:
         """Islands mode, before training: take part in the islands' next outer step, healing from a peer if behind."""
         assert self.quorum is not None
-        landing = self._average_in_quorum(None, torch.zeros(2, dtype=torch.float64))
+        landing = self._average_in_quorum(None, Census.blank_row())
         if landing is not None:
             self.land(landing)
 
@@ -337,7 +339,7 @@ class Rounds:
         started = time.monotonic()
         while True:
             if quorum.begin():
-                sync, kept, row = self._sync_in_progress(), None, torch.zeros(2, dtype=torch.float64)
+                sync, kept, row = self._sync_in_progress(), None, Census.blank_row()
             failed: Optional[BaseException] = None
             try:
                 quorum.agree(self._digest(), self.step)
@@ -388,6 +390,11 @@ class Rounds:
     def load_heal_state(self, state: dict[str, Any]) -> None:
         self.outer.load_state_dict(state["outer"])
         self.load_state_dict(state["rounds"])
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether a sync's mean may still be in the making on the sync thread (not waited for yet)."""
+        return any(sync.future is not None for sync in self.pending)
 
     def land_pending(self) -> None:
         """Land every sync in flight now."""

@@ -26,7 +26,6 @@ from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
@@ -47,6 +46,7 @@ from lightning_diloco.outer import OuterOptimizerCallable, OuterSchedulerCallabl
 from lightning_diloco.eager import EagerRounds
 from lightning_diloco.rounds import Landed, Rounds, outer_step_metrics
 from lightning_diloco.schedules import OuterMomentumSchedule
+from lightning_diloco.signals import RequeueRequest, quiet_signals
 from lightning_diloco.sharding import ShardedWorkers, is_sharded, shard_module, worker_mesh
 from lightning_diloco.topology import Topology, build_topology, check_processes_per_worker
 from lightning_diloco.workers import ProcessGroupWorkers, Workers
@@ -280,6 +280,7 @@ class DiLoCoStrategy(DDPStrategy):
         self._stashed_local: Optional[dict[str, Tensor]] = None  # local weights while evaluation sees global ones
         self._device_mesh: Optional[DeviceMesh] = None  # the mesh of this process's worker (G > 1)
         self._sharded = False  # whether the replica is sharded (FSDP2 or the module's own `configure_model`)
+        self._requeue = RequeueRequest()  # SLURM's requeue signal (see lightning_diloco.signals)
 
     @property
     def outer(self) -> Optional[OuterState]:
@@ -445,7 +446,7 @@ class DiLoCoStrategy(DDPStrategy):
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diloco-outer-sync")
         if self.config.sync_warmup_steps == 0:
             self._start_diloco()
-        _no_collective_per_step(trainer)
+        quiet_signals(trainer, self._requeue, lambda: self.rounds.step if self.rounds is not None else 0)
 
     def _outer_device(self) -> torch.device:
         return torch.device(self.config.outer_device) if self.config.outer_device is not None else self.root_device
@@ -457,7 +458,8 @@ class DiLoCoStrategy(DDPStrategy):
         c = self.config
         outer = OuterState(module, c.build_outer_optimizer(), self._outer_device(), c.outer_lr_scheduler,
                            c.outer_momentum_schedule)
-        self.census = Census(c.inner_steps, c.speed_weighted, c.nonfinite, rank_zero_warn)
+        self.census = Census(c.inner_steps, c.speed_weighted, c.nonfinite, rank_zero_warn,
+                             checkpoint_asked=lambda: self._requeue.asked)
         self.rounds = (EagerRounds if c.eager_rounds else Rounds)(
             c, module, outer, self.workers, self.census, self._communication_device(outer), self._executor,
             self._report, self._restart_inner, rank_zero_warn, rank_zero_info,
@@ -608,6 +610,8 @@ class DiLoCoStrategy(DDPStrategy):
         drop outer steps that fall between two logging steps. ``last_metrics`` keeps them for callbacks.
         """
         sync = landed.sync
+        if sync.checkpoint:
+            self._requeue.agree(self.rounds.step if self.rounds is not None else 0)
         if sync.stats is not None:
             self.bytes_sent["outer"] += sync.stats.bytes_sent
         if not sync.overlapped:
@@ -667,10 +671,10 @@ class DiLoCoStrategy(DDPStrategy):
             self.quorum.close()
         if self._executor is not None:
             # syncs still in flight here belong to a failed run; do not wait for them (they time out by themselves)
-            in_flight = self.rounds is not None and bool(self.rounds.pending)
+            in_flight = self.rounds is not None and self.rounds.in_flight
             self._executor.shutdown(wait=not in_flight, cancel_futures=True)
             self._executor = None
-        if self.topology is not None and not (self.rounds is not None and self.rounds.pending):
+        if self.topology is not None and not (self.rounds is not None and self.rounds.in_flight):
             self.topology.release(keep_intra=self._sharded)
             close_at_exit()  # nothing in flight: at exit, every group goes before the interpreter does (exit code 0)
         super().teardown()
@@ -859,32 +863,6 @@ class DiLoCoStrategy(DDPStrategy):
                 description=f"DiLoCo strategy with `start_method` '{start_method}'",
                 start_method=start_method,
             )
-
-
-def _no_collective_per_step(trainer: "pl.Trainer") -> None:
-    """Replace Lightning's per-batch broadcast of rank 0's SIGTERM flag by a check of this process's own flag.
-
-    Lightning 2.6 broadcasts that flag from rank 0 before every training batch, a collective on every step that would
-    make every worker wait for the slowest one at every step, over the slow link. A DiLoCo worker that received
-    SIGTERM stops on its own; the others stop at their next outer step (which then fails, or times out after
-    ``sync_timeout``). If a Lightning version no longer has that method, the strategy says so: it cannot tell whether
-    that version communicates at every step.
-    """
-    epoch_loop = trainer.fit_loop.epoch_loop
-    if not hasattr(epoch_loop, "_broadcast_sigterm_tensor"):
-        rank_zero_warn(
-            "DiLoCoStrategy could not find Lightning's per-step SIGTERM broadcast"
-            " (`_TrainingEpochLoop._broadcast_sigterm_tensor`), which it replaces so that nothing is communicated"
-            " between outer steps. This Lightning version may communicate at every step; lightning-diloco is tested"
-            " with Lightning 2.5 and 2.6."
-        )
-        return
-
-    def check_own_sigterm() -> None:
-        if getattr(trainer, "received_sigterm", False):
-            raise SIGTERMException()
-
-    epoch_loop._broadcast_sigterm_tensor = check_own_sigterm
 
 
 def _clone_state(module: Module, device: torch.device) -> dict[str, Tensor]:

@@ -48,7 +48,7 @@ class Workers(ABC):
     def gather_rows(self, row: Tensor) -> Tensor:
         """Every worker's ``row`` (a small float64 vector), one row per worker. For a worker of several processes,
         column 0 (its share) is the smallest of its processes' (a worker whose shards are not all finite has share 0)
-        and column 1 the largest (the slowest process's seconds per step)."""
+        and the other columns the largest (the slowest process's seconds per step; a checkpoint asked by any)."""
 
     @abstractmethod
     def average_(
@@ -117,7 +117,7 @@ class ProcessGroupWorkers(Workers):
         table = torch.stack(gathered[::g])  # one row per worker: its first process's
         every = torch.stack(gathered)
         table[:, 0] = every[:, 0].view(-1, g).min(dim=1).values
-        table[:, 1] = every[:, 1].view(-1, g).max(dim=1).values
+        table[:, 1:] = every[:, 1:].reshape(-1, g, every.shape[1] - 1).amax(dim=1)
         return table
 
     def bucket_averager(self, compression: str, device: torch.device) -> Optional[BucketAverager]:

@@ -414,13 +414,3 @@ def test_processes_per_worker_is_checked_before_processes_start():
         L.Trainer(strategy=DiLoCoStrategy(processes_per_worker=2), accelerator="cpu", devices=3, logger=False)
 
 
-def test_lightnings_per_step_sigterm_broadcast_is_replaced_or_its_absence_said():
-    from types import SimpleNamespace
-
-    from lightning_diloco.strategy import _no_collective_per_step
-
-    trainer = _fit(DiLoCoStrategy(inner_steps=2), ToyModule(), steps=2)
-    assert trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor.__name__ == "check_own_sigterm"
-    renamed = SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace()))  # a Lightning without it
-    with pytest.warns(UserWarning, match="could not find Lightning's per-step SIGTERM broadcast"):
-        _no_collective_per_step(renamed)

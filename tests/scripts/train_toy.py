@@ -3,6 +3,7 @@
 import argparse
 import functools
 import os
+import signal
 import sys
 import warnings
 
@@ -18,6 +19,17 @@ import lightning_diloco  # noqa: E402, F401
 from helpers.toy import ToyModule, loaders  # noqa: E402
 from lightning_diloco import DiLoCoStrategy  # noqa: E402
 from lightning_diloco.schedules import MomentumWarmupDecay  # noqa: E402
+
+
+class SigtermAt(L.Callback):
+    """Rank ``rank`` sends itself SIGTERM after optimizer step ``step`` (a preemption of one worker, mid-round)."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main() -> None:
@@ -53,6 +65,7 @@ def main() -> None:
     parser.add_argument("--summary", action="store_true", help="end fit with lightning_diloco.progress.FitSummary")
     parser.add_argument("--max-time", default=None, help="Trainer(max_time=...), e.g. 00:00:10:00")
     parser.add_argument("--val", type=int, default=1, help="validate at every epoch end")
+    parser.add_argument("--sigterm", default=None, help="RANK:STEP: that rank sends itself SIGTERM after that step")
     args = parser.parse_args()
     torch.set_num_threads(torch_threads)
 
@@ -82,6 +95,8 @@ def main() -> None:
     else:
         strategy = "ddp"
     callbacks = []
+    if args.sigterm:
+        callbacks.append(SigtermAt(*map(int, args.sigterm.split(":"))))
     if args.summary:
         from lightning_diloco.progress import FitSummary
 
