@@ -31,36 +31,42 @@ class AskAt(L.Callback):
             trainer._signal_connector._slurm_sigusr_handler_fn(signal.SIGUSR1, None)
 
 
-def _fit(root: Path, *callbacks: L.Callback, steps: int = 12) -> tuple[L.Trainer, ToyModule]:
+def _fit(root: Path, *callbacks: L.Callback, steps: int = 12, **options: Any) -> tuple[L.Trainer, ToyModule]:
     module = ToyModule()
     train, _ = loaders()
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, strategy=DiLoCoStrategy(inner_steps=5),
+    strategy = DiLoCoStrategy(inner_steps=5, **options)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, strategy=strategy,
                         callbacks=list(callbacks), default_root_dir=root, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False)
     trainer.fit(module, train)
     return trainer, module
 
 
-def test_a_requeue_request_is_answered_after_the_next_outer_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Asked at step 3 of a 5-step round: the census of the outer step at step 5 carries the request, the checkpoint
-    is written after it as Lightning names it (``hpc_ckpt_1.ckpt``), and without a SLURM job to requeue the run trains
-    on, bitwise as a run never asked."""
+@pytest.mark.parametrize(("options", "answered"), [({}, 5), ({"overlap_steps": 2}, 7), ({"eager_rounds": 1}, 10)],
+                         ids=["blocking", "overlapped", "eager"])
+def test_a_requeue_request_is_answered_when_the_next_outer_step_lands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: dict[str, Any], answered: int
+):
+    """Asked at step 3 of a 5-step round: the census of the outer step at step 5 carries the request, and the
+    checkpoint is written when that outer step lands (at once; 2 steps later with ``overlap_steps=2``; a round later
+    with ``eager_rounds=1``), named as Lightning names it (``hpc_ckpt_1.ckpt``). Without a SLURM job to requeue, the
+    run trains on, bitwise as a run never asked."""
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
     with pytest.warns(UserWarning, match="could not be requeued"):
-        trainer, asked = _fit(tmp_path / "asked", AskAt(3))
+        trainer, asked = _fit(tmp_path / "asked", AskAt(3), **options)
     assert sum(isinstance(c, RequeueCheckpoint) for c in trainer.callbacks) == 1
     written = sorted(p.name for p in (tmp_path / "asked").glob("hpc_ckpt_*"))
     assert written == ["hpc_ckpt_1.ckpt"]
     checkpoint = read_checkpoint(tmp_path / "asked" / "hpc_ckpt_1.ckpt")
-    assert checkpoint["global_step"] == 5  # the end of the round, not the step of the request
-    _, plain = _fit(tmp_path / "plain")
+    assert checkpoint["global_step"] == answered  # where the outer step landed, not the step of the request
+    _, plain = _fit(tmp_path / "plain", **options)
     assert all(torch.equal(a, b) for a, b in zip(asked.record["local"], plain.record["local"], strict=True))
     assert all(torch.equal(a, b) for a, b in zip(asked.state_dict().values(), plain.state_dict().values()))
-    # the checkpoint holds the global weights of that outer step: the local weights right after it (step 5)
-    state = checkpoint["state_dict"]
-    flat = torch.cat([state[name].reshape(-1) for name, _ in plain.named_parameters()])
-    assert plain.record["steps"][4] == 5 and torch.equal(flat, plain.record["local"][4])
+    if not options:  # the checkpoint holds the global weights of that outer step: the local ones right after it
+        state = checkpoint["state_dict"]
+        flat = torch.cat([state[name].reshape(-1) for name, _ in plain.named_parameters()])
+        assert plain.record["steps"][4] == 5 and torch.equal(flat, plain.record["local"][4])
 
 
 def test_census_rows_carry_the_request_and_any_worker_decides():
