@@ -150,7 +150,7 @@ class Quorum:
                 pg=ProcessGroupGloo(timeout=timedelta(seconds=o.sync_timeout)),
                 load_state_dict=self._receive, state_dict=self._state_dict, min_replica_size=1,
                 use_async_quorum=False, timeout=timedelta(seconds=o.sync_timeout),
-                quorum_timeout=timedelta(seconds=o.quorum_timeout), connect_timeout=timedelta(seconds=o.sync_timeout),
+                quorum_timeout=timedelta(seconds=_attempt_seconds(o.quorum_timeout)), connect_timeout=timedelta(seconds=o.sync_timeout),
                 rank=0, world_size=1, store_addr=o.address, store_port=self._store.port, lighthouse_addr=o.coordinator,
                 replica_id=o.island, hostname=o.address, init_sync=True, quorum_retries=0,
             )
@@ -385,3 +385,10 @@ class IslandWorkers(Workers):
 
     def mean_gradients_(self, module: Module, bucket_cap_mb: float) -> int:
         return self.local.mean_gradients_(module, bucket_cap_mb)
+
+
+def _attempt_seconds(quorum_timeout: float) -> float:
+    """How long one quorum request may wait: a quarter of ``quorum_timeout`` (at least 10 s). A request sent while
+    the coordinator is away fails only when it times out, and the Manager then fails at once every time after; the
+    island replaces it and asks again, so the requests of one ``quorum_timeout`` must leave time for that."""
+    return min(quorum_timeout, max(10.0, quorum_timeout / 4))

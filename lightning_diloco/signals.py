@@ -28,7 +28,7 @@ import os
 import re
 import subprocess
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -54,8 +54,9 @@ class RequeueRequest:
         self.step: Optional[int] = None  # the DiLoCo step at which this process received the signal
         self.answered_at: Optional[int] = None  # the DiLoCo step of the outer step that answers it
 
-    def ask(self, signum: int, frame: Optional[FrameType] = None, step: Optional[int] = None) -> None:
-        """The signal handler: only remember the request (nothing here may communicate or write)."""
+    def ask(self, step: int) -> None:
+        """What the signal handler does: remember the request, received at DiLoCo step ``step`` (a handler may
+        interrupt anything, a collective or a write to stdout, so it does nothing else)."""
         self.asked, self.step = True, step
 
     def agree(self, step: int) -> None:
@@ -63,7 +64,7 @@ class RequeueRequest:
         self.asked, self.due, self.answered_at = False, True, step
 
 
-def quiet_signals(trainer: "pl.Trainer", request: RequeueRequest, step: Any) -> None:
+def quiet_signals(trainer: "pl.Trainer", request: RequeueRequest, step: Callable[[], int]) -> None:
     """Make Lightning's signal handling collective-free for this ``fit``; call before Lightning registers its handlers.
 
     Args:
@@ -89,7 +90,7 @@ def quiet_signals(trainer: "pl.Trainer", request: RequeueRequest, step: Any) -> 
         trainer._signal_connector.received_sigterm = True
 
     def note_requeue(signum: int, frame: Optional[FrameType]) -> None:
-        request.ask(signum, frame, step())  # no printing here: the handler may interrupt a write to stdout
+        request.ask(step())
 
     # instance attributes, read when Lightning composes its handlers (after the strategy's setup)
     connector._sigterm_notifier_fn = note_sigterm

@@ -119,9 +119,9 @@ def test_the_documented_sbatch_script_signalled_requeued_or_cancelled_resumes_bi
     assert SBATCH.read_text() in (ROOT / "docs" / "launching.md").read_text()
     epochs = "20"
 
-    def submit(name: str, epochs: str, wait: bool = False) -> str:
+    def submit(name: str, epochs: str) -> str:
         command = ["sbatch", "--parsable", f"--export=ALL,OUT={tmp_path / name},EPOCHS={epochs}", "--open-mode=append",
-                   f"--output={tmp_path / name}.out", *(["--wait"] if wait else []), str(SBATCH)]
+                   f"--output={tmp_path / name}.out", str(SBATCH)]
         return run(command).stdout.strip()
 
     def reached(name: str, epoch: int) -> None:
@@ -131,6 +131,7 @@ def test_the_documented_sbatch_script_signalled_requeued_or_cancelled_resumes_bi
     def log(name: str) -> str:
         return (tmp_path / f"{name}.out").read_text()
 
+    plain = submit("plain", epochs)
     signalled, requeued, cancelled = submit("signalled", epochs), submit("requeued", epochs), submit("cancelled", "60")
     reached("signalled", 0)
     run(["scancel", "--signal=USR1", signalled])  # every task
@@ -149,8 +150,7 @@ def test_the_documented_sbatch_script_signalled_requeued_or_cancelled_resumes_bi
     wait_for(lambda: subprocess.run(tasks, capture_output=True).returncode != 0, 60, "the cancelled tasks to end")
     assert not (tmp_path / "cancelled" / "rank0.pt").exists()  # stopped before its end
     resumed = submit("cancelled", epochs)  # the same script again, on what the cancelled job left
-    submit("plain", epochs, wait=True)
-    for job in (signalled, requeued, resumed):
+    for job in (plain, signalled, requeued, resumed):
         wait_for(lambda: job_state(job) in ("COMPLETED", "FAILED", "GONE"), 240, f"job {job} to end")
         assert job_state(job) in ("COMPLETED", "GONE")
     for name, restored in (("signalled", 2), ("requeued", 1), ("cancelled", 1)):
@@ -164,10 +164,10 @@ def test_the_documented_sbatch_script_signalled_requeued_or_cancelled_resumes_bi
         checkpoint = tmp_path / "signalled" / f"hpc_ckpt_{n}.ckpt"
         assert read_meta(checkpoint, torch.load)["global_step"] == answered
         assert f"Restored all states from the checkpoint at {checkpoint}" in log("signalled")
-    plain = weights(tmp_path / "plain")
+    uninterrupted = weights(tmp_path / "plain")
     for name in ("signalled", "requeued", "cancelled"):
         resumed = weights(tmp_path / name)
-        assert bitwise(resumed[0], resumed[1]) and bitwise(resumed[0], plain[0]), name
+        assert bitwise(resumed[0], resumed[1]) and bitwise(resumed[0], uninterrupted[0]), name
 
 
 def test_two_island_jobs_form_one_run_a_requeued_one_heals_a_cancelled_one_leaves_the_other(cluster, tmp_path):
