@@ -184,11 +184,10 @@ def test_rank_zero_memory_while_saving_does_not_grow_with_workers(tmp_path):
     """Unsharded workers of one process: rank 0 writes its own part only (it used to gather every worker's state)."""
     width = 500  # about 1.0M parameters: 12 MB of weights and AdamW state per worker
     peaks = {}
-    for k in (1, 2, 4):
+    for k in (1, 4):
         ranks = _run(tmp_path / f"k{k}", "--processes-per-worker", "1", "--sharding", "none", "--width", str(width),
                      "--max-epochs", "1", "--save-only", world=k)
         peaks[k] = ranks[0]["save_peak_bytes"]
         params = ranks[0]["model_numel"]
     worker_state = 12 * params  # what one more worker's gathered state would add on rank 0
-    assert peaks[4] - peaks[1] < worker_state / 2, (peaks, worker_state)
-    assert peaks[2] - peaks[1] < worker_state / 2, (peaks, worker_state)
+    assert peaks[4] - peaks[1] < worker_state / 2, (peaks, worker_state)  # three more workers: not one more state
