@@ -1,12 +1,12 @@
 """The census at every outer step: which workers count, with what share, and how fast each one is.
 
 Before the pseudo-gradients are averaged, every worker reports one row: its share in the mean (0 if its
-pseudo-gradient is not finite; else 1, or with ``speed_weighted`` the steps it computed this round) and its measured
+pseudo-gradient is not finite; else 1, or with ``speed_weighted`` the steps it computed this round), its measured
 seconds per step, and whether it asks every worker for a checkpoint after this outer step (SLURM's requeue signal,
-:mod:`lightning_diloco.signals`). The shares decide the mean (``sum share * delta / sum share``); a worker with share 0 is dropped
-from that outer step and restarts from the global weights. With ``speed_weighted`` the speeds set each worker's budget
-for the next round: about ``H * its speed / the fastest speed`` computed steps, so fast workers do not wait at syncs.
-This module holds all of ``speed_weighted``.
+:mod:`lightning_diloco.signals`). The shares decide the mean (``sum share * delta / sum share``); a worker with
+share 0 is dropped from that outer step and restarts from the global weights. With ``speed_weighted`` the speeds
+set each worker's budget for the next round: about ``H * its speed / the fastest speed`` computed steps, so fast
+workers do not wait at syncs. This module holds all of ``speed_weighted``.
 """
 
 from typing import Any, Callable

@@ -150,7 +150,8 @@ class Quorum:
                 pg=ProcessGroupGloo(timeout=timedelta(seconds=o.sync_timeout)),
                 load_state_dict=self._receive, state_dict=self._state_dict, min_replica_size=1,
                 use_async_quorum=False, timeout=timedelta(seconds=o.sync_timeout),
-                quorum_timeout=timedelta(seconds=_attempt_seconds(o.quorum_timeout)), connect_timeout=timedelta(seconds=o.sync_timeout),
+                quorum_timeout=timedelta(seconds=_attempt_seconds(o.quorum_timeout)),
+                connect_timeout=timedelta(seconds=o.sync_timeout),
                 rank=0, world_size=1, store_addr=o.address, store_port=self._store.port, lighthouse_addr=o.coordinator,
                 replica_id=o.island, hostname=o.address, init_sync=True, quorum_retries=0,
             )

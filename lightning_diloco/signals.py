@@ -137,9 +137,9 @@ class RequeueCheckpoint(Callback):
         strategy = trainer.strategy
         asked_at, self.request.step = self.request.step, None
         if asked_at is not None:  # on the ranks that received the signal
-            print(rank_prefixed_message(f"Received the requeue signal at DiLoCo step {asked_at}; checkpointing at"
-                                        f" step {self.request.answered_at}, after the outer step.", trainer.global_rank),
-                  flush=True)
+            said = (f"Received the requeue signal at DiLoCo step {asked_at}; checkpointing at step"
+                    f" {self.request.answered_at}, after the outer step.")
+            print(rank_prefixed_message(said, trainer.global_rank), flush=True)
         # every rank writes to the path rank 0 chose (the next free `hpc_ckpt_<n>.ckpt`, as Lightning names them)
         path = strategy.broadcast(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))
         trainer.save_checkpoint(path, weights_only=False)
