@@ -49,6 +49,10 @@ class RequeueRequest:
     """
 
     def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        """No request (at the start of every ``fit``)."""
         self.asked = False
         self.due = False
         self.step: Optional[int] = None  # the DiLoCo step at which this process received the signal

@@ -3,7 +3,8 @@
 This module is the Lightning lifecycle only: each hook delegates in a few lines. DiLoCo's options and their checks are
 :mod:`lightning_diloco.config`; the round loop of Algorithm 1 is :mod:`lightning_diloco.rounds`, over the workers of
 :mod:`lightning_diloco.workers` (built from the process groups of :mod:`lightning_diloco.topology`) and the census of
-:mod:`lightning_diloco.census`; the checkpoint entry is :mod:`lightning_diloco.checkpointing`; warnings about
+:mod:`lightning_diloco.census`; the checkpoint entry is :mod:`lightning_diloco.checkpointing`; Lightning's signals
+(SIGTERM, SLURM's requeue) are :mod:`lightning_diloco.signals`; warnings about
 set-ups that run but not as expected are :mod:`lightning_diloco.advice`.
 """
 
@@ -446,6 +447,7 @@ class DiLoCoStrategy(DDPStrategy):
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diloco-outer-sync")
         if self.config.sync_warmup_steps == 0:
             self._start_diloco()
+        self._requeue.clear()
         quiet_signals(trainer, self._requeue, lambda: self.rounds.step if self.rounds is not None else 0)
 
     def _outer_device(self) -> torch.device:
