@@ -611,18 +611,17 @@ class DiLoCoStrategy(DDPStrategy):
         They go to the loggers directly, not through ``LightningModule.log``, so that ``log_every_n_steps`` does not
         drop outer steps that fall between two logging steps. ``last_metrics`` keeps them for callbacks.
         """
+        assert self.rounds is not None and self.workers is not None
         sync = landed.sync
         if sync.checkpoint:
-            self._requeue.agree(self.rounds.step if self.rounds is not None else 0)
+            self._requeue.agree(self.rounds.step)
         if sync.stats is not None:
             self.bytes_sent["outer"] += sync.stats.bytes_sent
         if not sync.overlapped:
             self.timings.exchange_seconds += sync.exchange_seconds
-        assert self.workers is not None
         metrics = outer_step_metrics(landed, self.workers.sum_in_worker)
         metrics["diloco/bytes_sent_total"] = self.bytes_sent["outer"] + self.bytes_sent["warmup"]
         metrics["diloco/own_seconds_per_step"] = self.timings.own_seconds / max(self.timings.steps, 1)
-        assert self.rounds is not None
         group = self.rounds.outer.optimizer.param_groups[0]
         metrics["diloco/outer_lr"] = float(group["lr"])
         if "momentum" in group:

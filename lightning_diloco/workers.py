@@ -113,12 +113,7 @@ class ProcessGroupWorkers(Workers):
             return row[None]
         gathered = [torch.empty_like(row) for _ in range(topology.world_size)]
         dist.all_gather(gathered, row, group=topology.control)
-        g = topology.processes_per_worker
-        table = torch.stack(gathered[::g])  # one row per worker: its first process's
-        every = torch.stack(gathered)
-        table[:, 0] = every[:, 0].view(-1, g).min(dim=1).values
-        table[:, 1:] = every[:, 1:].reshape(-1, g, every.shape[1] - 1).amax(dim=1)
-        return table
+        return per_worker(torch.stack(gathered), topology.processes_per_worker)
 
     def bucket_averager(self, compression: str, device: torch.device) -> Optional[BucketAverager]:
         if self.topology.processes_per_worker > 1:
@@ -222,3 +217,10 @@ def _buckets(tensors: list[Tensor], cap_bytes: float) -> list[list[Tensor]]:
             last.append(t)
             size += nbytes
     return buckets
+
+
+def per_worker(rows: Tensor, processes_per_worker: int) -> Tensor:
+    """One census row per worker from every process's row (consecutive ranks form a worker): the smallest share
+    (column 0) and the largest of every other column."""
+    by_worker = rows.reshape(-1, processes_per_worker, rows.shape[1])
+    return torch.cat([by_worker[:, :, :1].amin(dim=1), by_worker[:, :, 1:].amax(dim=1)], dim=1)

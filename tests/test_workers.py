@@ -250,3 +250,13 @@ def test_speed_weighted_equals_the_replay_of_the_computed_steps(speed):
     # the weighting matters: the plain mean of the same pseudo-gradients gives other weights
     plain = simulate_groups(batches, init_seed=1000, inner_steps=SPEED_H, weight_by_computed=False)
     assert not torch.allclose(plain.local[0][-1], speed[0]["local"][-1], atol=1e-4)
+
+
+def test_census_rows_of_a_worker_group_take_the_smallest_share_and_the_largest_of_the_rest():
+    from lightning_diloco.workers import per_worker
+
+    # two workers of two processes: rows of [share, seconds per step, checkpoint asked]
+    rows = torch.tensor([[1.0, 0.2, 0.0], [0.0, 0.1, 0.0],   # worker 0: one shard not finite
+                         [1.0, 0.3, 0.0], [1.0, 0.5, 1.0]], dtype=torch.float64)  # worker 1: its 2nd process asked
+    assert per_worker(rows, 2).tolist() == [[0.0, 0.2, 0.0], [1.0, 0.5, 1.0]]
+    assert torch.equal(per_worker(rows, 1), rows)
